@@ -1,0 +1,193 @@
+"""One flat, frozen configuration; presets are JSON overrides of its defaults.
+
+The defaults *are* the reference setup of the paper's public implementation (see
+``shared/docs/ALGORITHM.md``), except where that implementation is wrong (anchors are spread
+apart by default; the working image keeps the input's aspect ratio).
+
+Presets live in ``lregions_core/presets/<name>.json`` as ``{"description": ..., "set": {...}}``:
+data, defined once, read by the library, the command line and the pipeline alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+MODES = ("rgn", "exhaustive", "random", "dino-random")
+ANCHOR_RULES = ("nms", "reference")
+ESTIMATORS = ("memo-expectation", "reinforce")
+
+
+class ConfigError(ValueError):
+    """A setting or preset that does not exist or has an invalid value."""
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- feature extractor (anchors and region-network inputs) ---------------------------------
+    features: str = "dino"  # registry name: "dino" (timm) or "oracle-saliency"
+    feature_model: str = "vit_base_patch8_224.dino"  # timm model name
+    feature_size: int = 256  # longer side of the image DINO sees (patch grid 32 at /8)
+    feature_kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs (tiny)
+
+    # --- scorer (losses and selection similarities) ---------------------------------------------
+    scorer: str = "clip"  # registry name: "clip" (open_clip) or "oracle"
+    clip_model: str = "ViT-B-16"
+    clip_pretrained: str | None = "openai"  # open_clip tag; None = random weights
+    clip_kwargs: dict = field(default_factory=dict)  # extra create_model kwargs (tiny)
+    clip_views: int = 16  # the full image plus clip_views-1 random augmented crops
+    clip_structure_layer: int = 11  # tokens after this many blocks feed L_str's self-similarity
+
+    # --- editor ---------------------------------------------------------------------------------
+    editor: str = "sd-inpaint"  # registry name: "sd-inpaint", "amused" or "oracle-painter"
+    editor_model: str = "stabilityai/stable-diffusion-2-inpainting"  # hub repo or local dir
+    editor_steps: int = 50
+    guidance_scale: float = 7.5
+    prompt_template: str = "a high quality image of {prompt}."
+    editor_kwargs: dict = field(default_factory=dict)  # tiny: in-code architecture settings
+    edit_batch: int = 4  # requests per editor forward pass
+
+    # --- working image --------------------------------------------------------------------------
+    work_size: int = 512  # longer side of the image the editor works on (aspect kept)
+    work_multiple: int = 64  # working width and height are multiples of this
+
+    # --- where models run and where weights come from ---------------------------------------------
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    dtype: str = "auto"  # "auto" = float16 on cuda, float32 on cpu
+    weights_dir: str | None = None  # local folder searched before the Hugging Face cache
+    random_weights: bool = False  # build every model with random weights (tiny preset, benchmarks)
+
+    # --- anchors and proposals ------------------------------------------------------------------
+    num_anchors: int = 9
+    anchor_rule: str = "nms"  # "nms" (spread apart) or "reference" (fit-inside, may repeat)
+    anchor_spread: float = 0.1  # NMS radius, as a fraction of the grid's shorter side
+    num_proposals: int = 6  # K boxes per anchor
+    proposal_min: float = 0.125  # smallest half-width, fraction of the image's shorter side
+    proposal_max: float = 0.4375  # largest half-width (ref: 4..14 cells of a 32 grid)
+
+    # --- region network and its learning ------------------------------------------------------
+    mode: str = "rgn"  # one of MODES
+    roi_size: int = 7
+    rgn_hidden: int = 16
+    iterations: int = 10
+    lr: float = 0.05
+    tau: float = 1.0  # sampling temperature of the box policy
+    estimator: str = "memo-expectation"  # one of ESTIMATORS
+    w_clip: float = 1.0
+    w_dir: float = 1.0
+    w_str: float = 1.0
+
+    # --- selection and output -----------------------------------------------------------------
+    select_text_weight: float = 2.0
+    select_image_weight: float = 1.0
+    select_top_k: int = 3
+    feather: int = 8  # px of the input image: soft edge outside the box; beyond it, input pixels
+    seed: int = 0
+
+    # ------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        checks = [
+            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
+            (
+                self.anchor_rule in ANCHOR_RULES,
+                f"anchor_rule must be one of {ANCHOR_RULES}, got {self.anchor_rule!r}",
+            ),
+            (
+                self.estimator in ESTIMATORS,
+                f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}",
+            ),
+            (self.num_anchors >= 1, "num_anchors must be >= 1"),
+            (self.num_proposals >= 1, "num_proposals must be >= 1"),
+            (
+                0 < self.proposal_min <= self.proposal_max,
+                "need 0 < proposal_min <= proposal_max",
+            ),
+            (self.iterations >= 0, "iterations must be >= 0"),
+            (self.tau > 0, "tau must be > 0"),
+            (self.select_top_k >= 1, "select_top_k must be >= 1"),
+            (self.clip_views >= 1, "clip_views must be >= 1"),
+            (self.feather >= 0, "feather must be >= 0"),
+            (self.work_size >= self.work_multiple > 0, "need work_size >= work_multiple > 0"),
+            ("{prompt}" in self.prompt_template, "prompt_template must contain {prompt}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    # ------------------------------------------------------------------------------------------
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (validated)."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def digest(self, keys: list[str] | tuple[str, ...] | None = None) -> str:
+        """A stable hash of the whole config, or of only ``keys`` (what one stage reads)."""
+        data = self.to_dict()
+        if keys is not None:
+            data = {k: data[k] for k in keys}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def device_resolved(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+def preset_names() -> list[str]:
+    folder = resources.files("lregions_core") / "presets"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".json"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The raw preset document: ``{"description": str, "set": {setting: value}}``."""
+    path = resources.files("lregions_core") / "presets" / f"{name}.json"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+    return json.loads(path.read_text())
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` from the command line; the value is read as JSON when it parses
+    (numbers, booleans, null, lists, objects), else kept as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"expected key=value, got {text!r}")
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def make_config(
+    preset: str = "default",
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """The preset's settings, then ``overrides``, then ``key=value`` strings, validated."""
+    changes = dict(load_preset(preset).get("set", {}))
+    changes.update(overrides or {})
+    changes.update(dict(parse_override(s) for s in sets))
+    base = Config()
+    current = base.to_dict()
+    for key, value in changes.items():
+        if key in current and isinstance(current[key], float) and isinstance(value, int):
+            changes[key] = float(value)
+    try:
+        return base.replace(**changes)
+    except TypeError as exc:  # pragma: no cover - dataclasses.replace on bad types
+        raise ConfigError(str(exc)) from exc
