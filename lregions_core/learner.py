@@ -1,0 +1,258 @@
+"""Choosing one box per anchor: the region network's learning, and the ablation baselines.
+
+Why an estimator at all: the editor is not differentiable in the box (a box becomes a binary mask,
+the editor returns pixels), so ``loss.backward()`` can never reach the network through the edit.
+The reference implementation calls ``loss.requires_grad_(True)`` and its network never changes.
+Here the network defines a policy ``p(k | anchor) = softmax(logits / tau)`` over each anchor's K
+proposals and is trained on the expected loss ``E_p[L]``, whose gradient needs only loss *values*:
+
+``estimator="memo-expectation"`` (default): every edit is memoised (a box is never edited twice
+per image), so the losses of all boxes tried so far are known exactly. The surrogate
+``sum_a sum_{k tried} p(k|a) * (L_ak - b_a)``, with ``b_a`` the mean loss of anchor ``a``'s tried
+boxes, is differentiated exactly. Once all K boxes of an anchor are tried its gradient *is*
+``grad E_p[L]`` (the baseline term vanishes because the p's sum to 1); before that it moves
+probability away from tried boxes worse than their siblings (towards better ones and untried
+ones, which keeps exploring). It is the Rao-Blackwellised score-function estimator over the memo:
+no sampling noise in the gradient, and it costs no extra edits. Sampling is only used to decide
+which box to try next.
+
+``estimator="reinforce"``: the textbook score-function gradient with the same per-anchor
+baseline, ``(L_ak - b_a) * grad log p(k|a)`` for the sampled ``k``. Kept for comparison.
+
+Advantages are divided by the standard deviation of all known losses, so the learning rate means
+the same thing whatever the scorer's loss scale (CLIP losses differ in the second decimal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lregions_core.config import Config
+from lregions_core.images import box_mask
+from lregions_core.interfaces import CandidateScores, Editor, EditRequest, Features, Scorer
+from lregions_core.region_net import RegionNet, box_geometry, pool_proposals
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One edited box: which anchor and proposal it came from, its pixels and its scores."""
+
+    anchor: int
+    proposal: int
+    box: Box  # working-image pixels
+    image: Image.Image
+    scores: CandidateScores
+    loss: float
+
+
+class CandidateBank:
+    """Every edit made for one image, memoised by (box, seed): a box is never edited twice."""
+
+    def __init__(
+        self,
+        *,
+        editor: Editor,
+        scorer: Scorer,
+        context: object,
+        image: Image.Image,
+        prompt: str,
+        seed: int,
+        loss_weights: tuple[float, float, float],
+    ) -> None:
+        self.editor = editor
+        self.scorer = scorer
+        self.context = context
+        self.image = image
+        self.prompt = prompt
+        self.seed = seed
+        self.loss_weights = loss_weights
+        self._memo: dict[tuple, tuple[Image.Image, CandidateScores]] = {}
+        self.editor_requests = 0
+        self.editor_batches = 0
+
+    def key(self, box: Sequence[float]) -> tuple:
+        return (tuple(round(float(v), 3) for v in box), self.seed)
+
+    def known(self, box: Sequence[float]) -> bool:
+        return self.key(box) in self._memo
+
+    def fetch(self, wanted: Sequence[tuple[int, int, Sequence[float]]]) -> list[Candidate]:
+        """Candidates for ``(anchor, proposal, box)`` triples, editing only unseen boxes (all of
+        them in one editor call, so the editor can batch)."""
+        missing: dict[tuple, Box] = {}
+        for _, _, box in wanted:
+            key = self.key(box)
+            if key not in self._memo and key not in missing:
+                missing[key] = tuple(float(v) for v in box)  # type: ignore[assignment]
+        if missing:
+            requests = [
+                EditRequest(self.image, box_mask(self.image.size, box), self.prompt, self.seed)
+                for box in missing.values()
+            ]
+            edited = self.editor.edit(requests)
+            scores = self.scorer.score(self.context, edited, [self.seed] * len(edited))
+            for key, img, sc in zip(missing, edited, scores):
+                self._memo[key] = (img, sc)
+            self.editor_requests += len(requests)
+            self.editor_batches += 1
+        out = []
+        for anchor, proposal, box in wanted:
+            img, sc = self._memo[self.key(box)]
+            out.append(
+                Candidate(
+                    anchor=int(anchor),
+                    proposal=int(proposal),
+                    box=tuple(float(v) for v in box),  # type: ignore[arg-type]
+                    image=img,
+                    scores=sc,
+                    loss=float(sc.total(*self.loss_weights)),
+                )
+            )
+        return out
+
+    def loss_of(self, box: Sequence[float]) -> float | None:
+        hit = self._memo.get(self.key(box))
+        return None if hit is None else float(hit[1].total(*self.loss_weights))
+
+    @property
+    def denoise_steps(self) -> int:
+        return self.editor_requests * int(self.editor.steps_per_call)
+
+
+@dataclass
+class RegionOutcome:
+    """What region choice produced for one image."""
+
+    chosen: np.ndarray  # (N,) proposal index per anchor
+    candidates: list[Candidate]  # the chosen box's edit, one per anchor
+    probs: np.ndarray | None = None  # (N, K) final box distribution (learning modes)
+    initial_probs: np.ndarray | None = None
+    param_change: float = 0.0  # L2 norm of the region network's parameter change
+    trace: list[dict] = field(default_factory=list)  # per iteration: losses and expected loss
+
+
+def choose_regions(
+    config: Config,
+    features: Features,
+    boxes: np.ndarray,
+    size: tuple[int, int],
+    bank: CandidateBank,
+    seed: int,
+) -> RegionOutcome:
+    """One box per anchor by ``config.mode``: ``rgn`` learns it; ``exhaustive`` edits every
+    proposal and keeps each anchor's lowest loss (the upper bound); ``random`` and
+    ``dino-random`` pick a size at random (the anchors differ: see :mod:`lregions_core.pipeline`)."""
+    n, k, _ = boxes.shape
+    if config.mode == "rgn":
+        return _learn(config, features, boxes, size, bank, seed)
+    if config.mode == "exhaustive":
+        every = bank.fetch([(a, j, boxes[a, j]) for a in range(n) for j in range(k)])
+        losses = np.array([c.loss for c in every]).reshape(n, k)
+        chosen = losses.argmin(axis=1)
+    elif config.mode in ("random", "dino-random"):
+        chosen = np.random.default_rng([seed, 1]).integers(0, k, size=n)
+    else:  # Config validates modes; this guards direct construction
+        raise ValueError(f"unknown mode {config.mode!r}")
+    candidates = bank.fetch([(a, int(chosen[a]), boxes[a, chosen[a]]) for a in range(n)])
+    return RegionOutcome(chosen=np.asarray(chosen), candidates=candidates)
+
+
+def _known_losses(bank: CandidateBank, boxes: np.ndarray) -> torch.Tensor:
+    n, k, _ = boxes.shape
+    out = torch.full((n, k), float("nan"))
+    for a in range(n):
+        for j in range(k):
+            value = bank.loss_of(boxes[a, j])
+            if value is not None:
+                out[a, j] = value
+    return out
+
+
+def _surrogate(
+    estimator: str, probs: torch.Tensor, losses: torch.Tensor, sampled: torch.Tensor
+) -> torch.Tensor:
+    """A scalar whose gradient estimates ``grad sum_a E_p[L_a]`` (see the module docstring)."""
+    known = ~torch.isnan(losses)
+    filled = torch.where(known, losses, torch.zeros_like(losses))
+    count = known.sum(dim=1, keepdim=True).clamp_min(1)
+    baseline = filled.sum(dim=1, keepdim=True) / count
+    spread = losses[known].std(unbiased=False) if known.sum() > 1 else torch.tensor(0.0)
+    advantage = torch.where(known, filled - baseline, torch.zeros_like(filled))
+    advantage = advantage / spread.clamp_min(1e-8)
+    if estimator == "memo-expectation":
+        return (probs * advantage).sum(dim=1).mean()
+    if estimator == "reinforce":
+        rows = torch.arange(probs.shape[0])
+        picked = advantage[rows, sampled]
+        return (picked * torch.log(probs[rows, sampled].clamp_min(1e-12))).mean()
+    raise ValueError(f"unknown estimator {estimator!r}")
+
+
+def _learn(
+    config: Config,
+    features: Features,
+    boxes: np.ndarray,
+    size: tuple[int, int],
+    bank: CandidateBank,
+    seed: int,
+) -> RegionOutcome:
+    n, k, _ = boxes.shape
+    pooled = pool_proposals(features.patches, boxes, size, config.roi_size)
+    geometry = box_geometry(boxes, size)
+    with torch.random.fork_rng(devices=[]):  # deterministic init without touching global RNG
+        torch.manual_seed(seed)
+        net = RegionNet(pooled.shape[2], config.roi_size, config.rgn_hidden)
+    start = [p.detach().clone() for p in net.parameters()]
+    optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)
+    sampler = torch.Generator().manual_seed(seed)
+    trace: list[dict] = []
+    with torch.no_grad():
+        initial = torch.softmax(net(pooled, geometry) / config.tau, dim=1).numpy()
+
+    for step in range(config.iterations):
+        probs = torch.softmax(net(pooled, geometry) / config.tau, dim=1)
+        sampled = torch.multinomial(probs.detach(), 1, generator=sampler).squeeze(1)
+        tried = bank.fetch([(a, int(sampled[a]), boxes[a, sampled[a]]) for a in range(n)])
+        losses = _known_losses(bank, boxes)
+        surrogate = _surrogate(config.estimator, probs, losses, sampled)
+        optimiser.zero_grad()
+        surrogate.backward()
+        optimiser.step()
+        known = ~torch.isnan(losses)
+        trace.append(
+            {
+                "iteration": step,
+                "sampled_loss": float(np.mean([c.loss for c in tried])),
+                "boxes_tried": int(known.sum()),
+                # expected loss under the policy, over anchors' tried boxes (renormalised)
+                "expected_loss": float(
+                    (
+                        (probs.detach() * torch.where(known, losses, 0.0)).sum(1)
+                        / (probs.detach() * known).sum(1).clamp_min(1e-12)
+                    ).mean()
+                ),
+            }
+        )
+
+    with torch.no_grad():
+        final = torch.softmax(net(pooled, geometry) / config.tau, dim=1)
+    chosen = final.argmax(dim=1).numpy()
+    change = float(
+        torch.sqrt(sum(((p.detach() - s) ** 2).sum() for p, s in zip(net.parameters(), start)))
+    )
+    candidates = bank.fetch([(a, int(chosen[a]), boxes[a, chosen[a]]) for a in range(n)])
+    return RegionOutcome(
+        chosen=chosen,
+        candidates=candidates,
+        probs=final.numpy(),
+        initial_probs=initial,
+        param_change=change,
+        trace=trace,
+    )

@@ -1,0 +1,202 @@
+"""The method end to end for one image: features, anchors, proposals, region choice, selection,
+paste-back. Each stage is a public function so a batch pipeline can cache stages separately;
+:func:`edit_image` runs them in order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lregions_core.anchors import cell_centres, find_anchors, make_proposals, random_anchors
+from lregions_core.config import Config
+from lregions_core.images import paste_back, paste_region, scale_box, to_working
+from lregions_core.interfaces import Editor, FeatureExtractor, Features, Scorer
+from lregions_core.learner import Candidate, CandidateBank, RegionOutcome, choose_regions
+from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS
+from lregions_core.selection import select_best
+
+
+def register_components() -> None:
+    """Import every adapter module so its components are in the registries (cheap: adapters
+    import their heavy libraries only when a model is built)."""
+    import lregions_core.models.clip
+    import lregions_core.models.dino
+    import lregions_core.models.editors
+    import lregions_core.oracle  # noqa: F401
+
+
+@dataclass
+class Models:
+    """The three components a config names; adapters cache loaded weights per process, so
+    building this twice with the same config does not reload anything."""
+
+    features: FeatureExtractor
+    scorer: Scorer
+    editor: Editor
+
+    @classmethod
+    def load(cls, config: Config) -> Models:
+        register_components()
+        return cls(
+            features=FEATURE_EXTRACTORS.build(config.features, config),
+            scorer=SCORERS.build(config.scorer, config),
+            editor=EDITORS.build(config.editor, config),
+        )
+
+
+@dataclass
+class Proposals:
+    """Anchors and their boxes for one working image."""
+
+    cells: np.ndarray  # (N, 2) grid cells (row, col)
+    centres: np.ndarray  # (N, 2) working pixels (x, y)
+    boxes: np.ndarray  # (N, K, 4) working pixels (x0, y0, x1, y1)
+
+
+@dataclass
+class EditResult:
+    """Everything one edit produced. Boxes and points are given in *input* pixels unless the
+    name says ``work``."""
+
+    image: Image.Image  # final edit, input size, RGB
+    box: tuple[int, int, int, int]  # chosen region in input pixels (outward-rounded)
+    changed_region: tuple[int, int, int, int]  # outside this rectangle output == input
+    chosen: int  # index into candidates
+    candidates: list[Candidate]  # one per anchor (working-size images)
+    selection: np.ndarray  # selection score per candidate (-inf outside the top-k by text)
+    anchors: np.ndarray  # (N, 2) anchor points (x, y), input pixels
+    proposals: np.ndarray  # (N, K, 4) input pixels
+    outcome: RegionOutcome
+    work_size: tuple[int, int]
+    editor_requests: int
+    denoise_steps: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-ready record of the result (no pixels)."""
+        best = self.candidates[self.chosen]
+        return {
+            "box": list(self.box),
+            "changed_region": list(self.changed_region),
+            "anchor": best.anchor,
+            "proposal": best.proposal,
+            "scores": vars(best.scores).copy(),
+            "loss": best.loss,
+            "selection": [None if not np.isfinite(s) else float(s) for s in self.selection],
+            "anchors": self.anchors.round(2).tolist(),
+            "box_probs": None if self.outcome.probs is None else self.outcome.probs.round(4).tolist(),
+            "param_change": self.outcome.param_change,
+            "editor_requests": self.editor_requests,
+            "denoise_steps": self.denoise_steps,
+            "work_size": list(self.work_size),
+            "seconds": self.seconds,
+        }
+
+
+def extract_features(work: Image.Image, models: Models) -> Features:
+    return models.features(work)
+
+
+def propose(config: Config, features: Features, size: tuple[int, int], seed: int) -> Proposals:
+    """Anchors (from attention, or uniformly random cells in ``random`` mode) and K boxes each."""
+    if config.mode == "random":
+        cells = random_anchors(features.grid, config.num_anchors, np.random.default_rng([seed, 0]))
+    else:
+        cells = find_anchors(
+            features.attention,
+            config.num_anchors,
+            rule=config.anchor_rule,
+            spread=config.anchor_spread,
+            max_half_width=config.proposal_max,
+        )
+    centres = cell_centres(cells, features.grid, size)
+    boxes = make_proposals(
+        centres, size, config.num_proposals, config.proposal_min, config.proposal_max
+    )
+    return Proposals(cells=cells, centres=centres, boxes=boxes)
+
+
+def edit_image(
+    image: Image.Image,
+    prompt: str,
+    *,
+    source_prompt: str | None = None,
+    config: Config | None = None,
+    models: Models | None = None,
+    seed: int | None = None,
+) -> EditResult:
+    """Edit ``image`` following ``prompt`` in a region the method finds itself.
+
+    ``image`` may be any size and mode (it is converted to RGB); the result has the input's
+    exact size, and its pixels outside ``result.changed_region`` are the input's.
+    """
+    if not prompt or not prompt.strip():
+        raise ValueError("the edit prompt is empty")
+    config = config or Config()
+    seed = config.seed if seed is None else int(seed)
+    models = models or Models.load(config)
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[name] = round(now - clock, 4)
+        clock = now
+
+    source = image if image.mode == "RGB" else image.convert("RGB")
+    work = to_working(source, config.work_size, config.work_multiple)
+    features = extract_features(work, models)
+    lap("features")
+    proposals = propose(config, features, work.size, seed)
+    context = models.scorer.prepare(work, prompt, source_prompt)
+    bank = CandidateBank(
+        editor=models.editor,
+        scorer=models.scorer,
+        context=context,
+        image=work,
+        prompt=prompt,
+        seed=seed,
+        loss_weights=(config.w_clip, config.w_dir, config.w_str),
+    )
+    outcome = choose_regions(config, features, proposals.boxes, work.size, bank, seed)
+    lap("regions")
+    best, selection = select_best(
+        [c.scores for c in outcome.candidates],
+        text_weight=config.select_text_weight,
+        image_weight=config.select_image_weight,
+        top_k=config.select_top_k,
+    )
+    chosen = outcome.candidates[best]
+    final = paste_back(source, chosen.image, chosen.box, work.size, config.feather)
+    lap("compose")
+    to_input = np.array(
+        [source.width / work.width, source.height / work.height] * 2, dtype=np.float64
+    )
+    box_in = scale_box(chosen.box, work.size, source.size)
+    box_int = (
+        int(np.floor(box_in[0])),
+        int(np.floor(box_in[1])),
+        int(np.ceil(box_in[2])),
+        int(np.ceil(box_in[3])),
+    )
+    return EditResult(
+        image=final,
+        box=box_int,
+        changed_region=paste_region(source.size, chosen.box, work.size, config.feather),
+        chosen=best,
+        candidates=outcome.candidates,
+        selection=selection,
+        anchors=proposals.centres * to_input[:2],
+        proposals=proposals.boxes * to_input,
+        outcome=outcome,
+        work_size=work.size,
+        editor_requests=bank.editor_requests,
+        denoise_steps=bank.denoise_steps,
+        seconds=seconds,
+    )
