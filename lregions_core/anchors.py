@@ -38,7 +38,7 @@ def find_anchors(
     cells = np.stack(np.unravel_index(order, (gh, gw)), axis=1)
 
     if rule == "nms":
-        radius = int(round(spread * min(gh, gw)))
+        radius = round(spread * min(gh, gw))
         chosen: list[np.ndarray] = []
         suppressed = np.zeros((gh, gw), dtype=bool)
         for cell in cells:

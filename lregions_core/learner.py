@@ -203,7 +203,7 @@ def _learn(
     bank: CandidateBank,
     seed: int,
 ) -> RegionOutcome:
-    n, k, _ = boxes.shape
+    n = boxes.shape[0]
     pooled = pool_proposals(features.patches, boxes, size, config.roi_size)
     geometry = box_geometry(boxes, size)
     with torch.random.fork_rng(devices=[]):  # deterministic init without touching global RNG
