@@ -1,0 +1,101 @@
+"""Cost of the method per image: editor calls and denoising steps per mode, next to the reference
+implementation's (iterations + 1) x anchors inpaintings of 50 steps; and CPU time of the tiny
+preset per image.
+
+Editor-call counts of ``rgn`` depend on how fast the box policy settles, which depends on the
+losses, and no real weights are available here. So the counts for the ``default`` and ``fast``
+presets are measured with *their method settings* (anchors, proposals, iterations, steps) on
+oracle-world items, where losses are meaningful; ``exhaustive``/``random`` counts do not depend
+on losses at all. The oracle IoU column is the oracle world's box quality, not a photo metric.
+
+    python benchmarks/bench_core.py [--items 20] [--tiny-images 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from lregions_core import oracle
+from lregions_core.anchors import box_iou
+from lregions_core.config import load_preset, make_config
+from lregions_core.pipeline import Models, edit_image
+
+MODES = ("rgn", "exhaustive", "dino-random", "random")
+METHOD_KEYS = ("num_anchors", "num_proposals", "iterations", "editor_steps", "mode")
+
+
+def editor_cost(preset: str, items: int) -> list[str]:
+    settings = {k: v for k, v in load_preset(preset)["set"].items() if k in METHOD_KEYS}
+    base = make_config(preset)
+    reference_calls = (base.iterations + 1) * base.num_anchors
+    lines = []
+    for mode in MODES:
+        oracle_settings = dict(load_preset("oracle")["set"])
+        oracle_settings.update({"num_anchors": base.num_anchors, **settings, "mode": mode,
+                                "editor_steps": base.editor_steps})
+        config = make_config("default", oracle_settings)
+        models = Models.load(config)
+        calls, ious = [], []
+        for i in range(items):
+            item = oracle.make_item(1000 + i)
+            result = edit_image(item.image, item.prompt, source_prompt=item.source_prompt,
+                                config=config, models=models, seed=i)
+            calls.append(result.editor_requests)
+            ious.append(float(box_iou(np.array(result.box), np.array(item.target_box))))
+        steps = float(np.mean(calls)) * base.editor_steps
+        lines.append(
+            f"| {preset} | {mode} | {np.mean(calls):.1f} | {steps:.0f} | "
+            f"{reference_calls} x 50 = {reference_calls * 50} | "
+            f"{steps / (reference_calls * 50):.2f} | {np.mean(ious):.3f} |"
+        )
+    return lines
+
+
+def tiny_timing(images: int) -> list[str]:
+    from PIL import Image
+    from skimage import data
+
+    names = ["chelsea", "coffee", "astronaut", "rocket", "camera", "cat"][:images]
+    photos = [Image.fromarray(getattr(data, n)()).convert("RGB") for n in names]
+    lines = []
+    for mode in MODES:
+        config = make_config("tiny", {"mode": mode})
+        models = Models.load(config)
+        edit_image(photos[0], "a red hat", config=config, models=models)  # warm-up: load models
+        start = time.perf_counter()
+        requests = 0
+        for photo in photos:
+            requests += edit_image(photo, "a red hat", config=config, models=models).editor_requests
+        per = (time.perf_counter() - start) / len(photos)
+        lines.append(f"| tiny | {mode} | {per:.2f} | {requests / len(photos):.1f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--items", type=int, default=20)
+    parser.add_argument("--tiny-images", type=int, default=4)
+    args = parser.parse_args()
+    import torch
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"cuda {torch.cuda.is_available()}")
+    print(f"\nEditor cost per image ({args.items} oracle items; method settings of each preset)\n")
+    print("| preset | mode | editor calls | denoising steps | reference (calls x steps) "
+          "| steps vs reference | oracle IoU |")
+    print("|---|---|---|---|---|---|---|")
+    for preset in ("default", "fast"):
+        for line in editor_cost(preset, args.items):
+            print(line)
+    print(f"\nTiny preset on CPU ({args.tiny_images} scikit-image photos, models loaded once)\n")
+    print("| preset | mode | seconds per image | editor calls per image |")
+    print("|---|---|---|---|")
+    for line in tiny_timing(args.tiny_images):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
