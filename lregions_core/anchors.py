@@ -21,7 +21,7 @@ def find_anchors(
     """``num`` anchor cells ``(row, col)`` (int array of shape (num, 2)) from an attention grid.
 
     ``rule="nms"``: greedy non-maximum suppression: take the most attended cell, suppress every
-    cell within ``radius = round(spread * min(gh, gw))`` cells (Chebyshev distance), repeat. When
+    cell within ``radius = int(np.floor(spread * min(gh, gw) + 0.5))  # half up, not to even`` cells (Chebyshev distance), repeat. When
     suppression leaves too few cells the rest are the most attended unused cells, so anchors are
     always distinct while the grid has enough cells.
 
@@ -38,7 +38,7 @@ def find_anchors(
     cells = np.stack(np.unravel_index(order, (gh, gw)), axis=1)
 
     if rule == "nms":
-        radius = round(spread * min(gh, gw))
+        radius = int(np.floor(spread * min(gh, gw) + 0.5))  # half up, not to even
         chosen: list[np.ndarray] = []
         suppressed = np.zeros((gh, gw), dtype=bool)
         for cell in cells:

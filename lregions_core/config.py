@@ -90,6 +90,11 @@ class Config:
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
+        # Equal settings must hash equally: lr=1 and lr=1.0 are the same config.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
         checks = [
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (
@@ -164,6 +169,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` from the command line; the value is read as JSON when it parses
     (numbers, booleans, null, lists, objects), else kept as a string."""
     key, sep, raw = text.partition("=")
+    raw = raw.strip()
     if not sep or not key.strip():
         raise ConfigError(f"expected key=value, got {text!r}")
     try:
@@ -171,6 +177,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     except json.JSONDecodeError:
         value = raw
     return key.strip(), value
+
+
+def _raw_text(key: str, sets) -> str:
+    """The raw text last given for ``key`` in ``key=value`` strings."""
+    return [s.partition("=")[2].strip() for s in sets if s.partition("=")[0].strip() == key][-1]
 
 
 def make_config(
@@ -181,12 +192,13 @@ def make_config(
     """The preset's settings, then ``overrides``, then ``key=value`` strings, validated."""
     changes = dict(load_preset(preset).get("set", {}))
     changes.update(overrides or {})
-    changes.update(dict(parse_override(s) for s in sets))
+    text_fields = {f.name for f in dataclasses.fields(Config) if str(f.type).startswith("str")}
+    for key, value in (parse_override(s) for s in sets):
+        # A string setting keeps its text even when it parses as JSON (weights_dir=2024).
+        if key in text_fields and not isinstance(value, str) and value is not None:
+            value = _raw_text(key, sets)
+        changes[key] = value
     base = Config()
-    current = base.to_dict()
-    for key, value in changes.items():
-        if key in current and isinstance(current[key], float) and isinstance(value, int):
-            changes[key] = float(value)
     try:
         return base.replace(**changes)
     except TypeError as exc:  # pragma: no cover - dataclasses.replace on bad types
