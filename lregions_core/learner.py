@@ -121,6 +121,17 @@ class CandidateBank:
         hit = self._memo.get(self.key(box))
         return None if hit is None else float(hit[1].total(*self.loss_weights))
 
+    def loss_table(self, boxes: np.ndarray) -> np.ndarray:
+        """(N, K) losses of the boxes already edited, NaN for the others."""
+        n, k, _ = boxes.shape
+        out = np.full((n, k), np.nan)
+        for a in range(n):
+            for j in range(k):
+                value = self.loss_of(boxes[a, j])
+                if value is not None:
+                    out[a, j] = value
+        return out
+
     @property
     def denoise_steps(self) -> int:
         return self.editor_requests * int(self.editor.steps_per_call)
@@ -162,17 +173,6 @@ def choose_regions(
         raise ValueError(f"unknown mode {config.mode!r}")
     candidates = bank.fetch([(a, int(chosen[a]), boxes[a, chosen[a]]) for a in range(n)])
     return RegionOutcome(chosen=np.asarray(chosen), candidates=candidates)
-
-
-def _known_losses(bank: CandidateBank, boxes: np.ndarray) -> torch.Tensor:
-    n, k, _ = boxes.shape
-    out = torch.full((n, k), float("nan"))
-    for a in range(n):
-        for j in range(k):
-            value = bank.loss_of(boxes[a, j])
-            if value is not None:
-                out[a, j] = value
-    return out
 
 
 def _surrogate(
@@ -220,7 +220,7 @@ def _learn(
         probs = torch.softmax(net(pooled, geometry) / config.tau, dim=1)
         sampled = torch.multinomial(probs.detach(), 1, generator=sampler).squeeze(1)
         tried = bank.fetch([(a, int(sampled[a]), boxes[a, sampled[a]]) for a in range(n)])
-        losses = _known_losses(bank, boxes)
+        losses = torch.as_tensor(bank.loss_table(boxes), dtype=torch.float32)
         surrogate = _surrogate(config.estimator, probs, losses, sampled)
         optimiser.zero_grad()
         surrogate.backward()

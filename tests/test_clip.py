@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 import uuid
 
 import numpy as np
 import pytest
 import torch
+from conftest import noise_image
 from PIL import Image
 
 from lregions_core.config import make_config
@@ -18,26 +18,11 @@ from lregions_core.models.weights import WeightsUnavailableError
 from lregions_core.registry import SCORERS
 
 
-def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-
-
 def edited(image: Image.Image, seed: int = 1) -> Image.Image:
     """``image`` with a box repainted, as an editor would."""
     out = image.copy()
     out.paste(noise_image(40, 30, seed), (20, 10))
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads
-    spinning against other processes make each op ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -226,13 +211,7 @@ def test_local_weights_dir(config, tmp_path):
         assert torch.equal(value, state[name]), name
 
 
-def test_weights_unavailable_offline(config, monkeypatch, tmp_path):
-    import huggingface_hub.constants as hf_constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))  # empty cache
+def test_weights_unavailable_offline(config, offline_hub):
     with pytest.raises(WeightsUnavailableError) as info:
         SCORERS.build("clip", config.replace(random_weights=False, clip_pretrained="openai"))
     message = str(info.value)
@@ -245,7 +224,6 @@ def test_unknown_architecture_is_not_a_weights_problem(config):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("LREGIONS_SLOW") != "1", reason="set LREGIONS_SLOW=1")
 def test_real_size_architecture_random_weights(source):
     config = make_config("default", {"random_weights": True, "device": "cpu", "clip_views": 2})
     scorer = SCORERS.build("clip", config)

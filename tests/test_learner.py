@@ -18,15 +18,6 @@ from lregions_core.learner import CandidateBank, choose_regions
 from lregions_core.pipeline import propose
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than contending for busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class CountingEditor:
     """Wraps an editor and records every request it is asked to edit."""
 
@@ -84,17 +75,6 @@ def _run(world, seed: int = 0, steps: int = 1, **changes):
 
 def _unique_boxes(boxes: np.ndarray) -> int:
     return len({tuple(np.round(b, 3)) for b in boxes.reshape(-1, 4)})
-
-
-def _loss_table(bank: CandidateBank, boxes: np.ndarray) -> np.ndarray:
-    n, k, _ = boxes.shape
-    out = np.full((n, k), np.nan)
-    for a in range(n):
-        for j in range(k):
-            value = bank.loss_of(boxes[a, j])
-            if value is not None:
-                out[a, j] = value
-    return out
 
 
 def _check_candidates(run) -> None:
@@ -204,7 +184,7 @@ def test_exhaustive_edits_every_box_once_and_takes_argmin(world):
             table[a, j] = world.scorer.score(world.context, painter.edit([req]), [0])[0].total(
                 1, 1, 1
             )
-    np.testing.assert_allclose(_loss_table(run.bank, boxes), table)
+    np.testing.assert_allclose(run.bank.loss_table(boxes), table)
     np.testing.assert_array_equal(run.outcome.chosen, table.argmin(axis=1))
     _check_candidates(run)
     for a, cand in enumerate(run.outcome.candidates):
@@ -280,7 +260,7 @@ def test_rgn_learns(world):
     np.testing.assert_array_equal(out.chosen, out.probs.argmax(axis=1))
 
     # the expected loss over the tried boxes is lower under the final policy than uniformly
-    table = _loss_table(run.bank, boxes)
+    table = run.bank.loss_table(boxes)
     known = ~np.isnan(table)
     filled = np.where(known, table, 0.0)
 

@@ -13,15 +13,6 @@ GH, GW = 4, 8  # patch grid: 4 rows, 8 columns
 W, H = 160, 40  # working image: one cell is 20 px wide and 10 px tall (different x / y scales)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is much faster than contending for busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _index_patches() -> np.ndarray:
     """(2, GH, GW): channel 0 is the column index, channel 1 the row index."""
     rows, cols = np.mgrid[0:GH, 0:GW].astype(np.float32)
