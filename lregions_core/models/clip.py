@@ -18,8 +18,10 @@ build a small random ViT with the real CLIP tokenizer, without registering a new
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +84,23 @@ def _local_checkpoint(weights_dir: str | None, name: str) -> str | None:
     raise FileNotFoundError(f"no {' / '.join(WEIGHT_FILES)} in {path}")
 
 
+@contextlib.contextmanager
+def _quiet_random_init(asked_for_random: bool):
+    """open_clip warns "No pretrained weights loaded" on the root logger; when random weights
+    were asked for (tiny preset, benchmarks) that warning is noise."""
+    if not asked_for_random:
+        yield
+        return
+    root = logging.getLogger()
+    silence = logging.Filter()
+    silence.filter = lambda record: "No pretrained weights loaded" not in record.getMessage()
+    root.addFilter(silence)
+    try:
+        yield
+    finally:
+        root.removeFilter(silence)
+
+
 @functools.lru_cache(maxsize=4)
 def load_clip(key: str) -> ClipBundle:
     """Build (or load) the open_clip model described by ``key`` (see :func:`_settings_key`)."""
@@ -98,7 +117,7 @@ def load_clip(key: str) -> ClipBundle:
         pretrained = _local_checkpoint(settings["weights_dir"], weights_name) or pretrained
     # Random init draws from the global RNG: fork it so building neither disturbs the caller's
     # stream nor differs between processes.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _quiet_random_init(not pretrained):
         torch.manual_seed(RANDOM_INIT_SEED)
         try:
             # create_model, not create_model_and_transforms: its transforms centre-crop, and
