@@ -78,6 +78,42 @@ def _cmd_edit_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def prefect_defaults() -> None:
+    """Settings that make Prefect's temporary local server start reliably on a fresh, offline
+    machine (see shared/docs/ENVIRONMENT.md); a user's own settings win."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    """The batch pipeline (a Prefect flow; the application around this library)."""
+    from lregions_core.manifest import read_manifest
+
+    make_config(args.preset, {"mode": args.mode} if args.mode else None, args.set)  # usage check
+    total = len(read_manifest(args.manifest))  # usage errors before any work
+    prefect_defaults()
+    from rich.progress import Progress
+
+    from flows.batch_edit import batch_edit
+    from tasks.stages import PROGRESS
+
+    with Progress(transient=False) as bar:
+        job = bar.add_task("editing", total=total)
+        PROGRESS.append(lambda state: bar.advance(job))
+        try:
+            summary = batch_edit(manifest=args.manifest, out=args.out, preset=args.preset,
+                                 mode=args.mode, sets=list(args.set), chunk_size=args.chunk_size)
+        finally:
+            PROGRESS.clear()
+    print(
+        f"{summary['ok']} ok, {summary['failed']} failed, {summary['reused']} reused from cache, "
+        f"{summary['seconds']:.1f} s -> {summary['index']}"
+    )
+    return 0 if summary["failed"] == 0 else 1
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         doc = load_preset(name)
@@ -120,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(p)
     p.set_defaults(run=_cmd_edit_image)
 
+    p = sub.add_parser("edit", help="edit every row of a CSV manifest (Prefect batch flow)")
+    p.add_argument("manifest", help="CSV with columns image, prompt [, source, id, seed, target_box]")
+    p.add_argument("--out", required=True, help="output folder (local path or fsspec URL)")
+    p.add_argument("--mode", choices=["rgn", "exhaustive", "random", "dino-random"])
+    p.add_argument("--chunk-size", type=int, default=8, help="rows per task run")
+    config_args(p)
+    p.set_defaults(run=_cmd_edit)
+
     p = sub.add_parser("presets", help="list presets")
     p.set_defaults(run=_cmd_presets)
 
@@ -131,12 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from lregions_core.images import ImageLoadError
+    from lregions_core.manifest import ManifestError
     from lregions_core.models.weights import WeightsUnavailableError
 
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except ConfigError as exc:
+    except (ConfigError, ManifestError) as exc:
         print(f"lregions: error: {exc}", file=sys.stderr)
         return 2
     except (ImageLoadError, WeightsUnavailableError, ValueError) as exc:

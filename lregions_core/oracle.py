@@ -108,10 +108,13 @@ def make_item(seed: int) -> OracleItem:
     # Bounding box of what was actually drawn (rasterisation may trim a pixel).
     ys, xs = np.nonzero(_near(np.asarray(canvas), target_colour))
     target_box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    def a(colour: str) -> str:
+        return f"an {colour}" if colour[0] in "aeiou" else f"a {colour}"
+
     return OracleItem(
         image=canvas,
-        prompt=f"a {prompt_colour} {shape}",
-        source_prompt=f"a {target_colour} {shape}",
+        prompt=f"{a(prompt_colour)} {shape}",
+        source_prompt=f"{a(target_colour)} {shape}",
         target_box=target_box,
     )
 

@@ -16,7 +16,7 @@ from torch import nn
 def standardise(patches: np.ndarray) -> torch.Tensor:
     """Per-channel zero mean, unit variance over the grid, so the tiny network sees the same
     value range whatever the backbone (DINO ViT-S, ViT-B, the oracle's saliency features)."""
-    feats = torch.as_tensor(np.asarray(patches, dtype=np.float32))
+    feats = torch.from_numpy(np.array(patches, dtype=np.float32))  # a copy: may be read-only
     mean = feats.mean(dim=(1, 2), keepdim=True)
     std = feats.std(dim=(1, 2), keepdim=True, unbiased=False).clamp_min(1e-6)
     return (feats - mean) / std

@@ -1,0 +1,1 @@
+"""Prefect flows: the batch edit over a manifest."""

@@ -1,0 +1,162 @@
+"""The Prefect batch pipeline end to end (one Prefect test server for the whole session)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "manifests" / "demo.csv"
+ORACLE = ROOT / "manifests" / "oracle.csv"
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from lregions_core.cli import prefect_defaults
+
+    prefect_defaults()
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def run_cli(*args: str) -> int:
+    from lregions_core.cli import main
+
+    return main(["edit", *args])
+
+
+def index(out: Path) -> pd.DataFrame:
+    return pd.read_parquet(out / "index.parquet")
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def test_demo_manifest_end_to_end_then_rerun_reuses_everything(prefect_server, tmp_path):
+    out = tmp_path / "demo"
+    assert run_cli(str(DEMO), "--out", str(out), "--preset", "tiny") == 0
+    table = index(out)
+    assert list(table["status"]) == ["ok"] * 4
+    for column in ("id", "status", "error", "final_path", "box", "text_sim", "image_sim",
+                   "seconds_regions", "config_hash", "seed"):
+        assert column in table.columns
+    for row in table.itertuples():
+        item = out / "items" / row.id
+        for name in ("input.png", "overlay.png", "final.png", "result.json"):
+            assert (item / name).is_file(), (row.id, name)
+        assert len(list((item / "candidates").glob("*.png"))) == 9
+        x0, y0, x1, y1 = map(int, row.box.split(","))
+        source = Image.open(item / "input.png")
+        assert Image.open(item / "final.png").size == source.size
+        assert 0 <= x0 < x1 <= source.width and 0 <= y0 < y1 <= source.height
+    assert not list(out.rglob("*.tmp"))
+
+    before = mtimes(out / "items")
+    assert run_cli(str(DEMO), "--out", str(out), "--preset", "tiny") == 0
+    again = index(out)
+    assert again["reused"].all()
+    assert list(again["box"]) == list(table["box"])
+    assert mtimes(out / "items") == before  # nothing rewritten
+
+
+def test_bad_rows_fail_alone(prefect_server, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.full((60, 80, 3), 120, np.uint8)).save(folder / "good.png")
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    manifest = folder / "m.csv"
+    manifest.write_text(
+        "\ufeffid,image,prompt\n"
+        "good,good.png,a red hat\n"
+        "missing,nope.png,a red hat\n"
+        "corrupt,corrupt.png,a red hat\n"
+        "empty,good.png,\n"
+        "good,good.png,a blue hat\n"
+        "../escape,good.png,a red hat\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    assert run_cli(str(manifest), "--out", str(out), "--preset", "tiny",
+                   "--set", "num_anchors=2", "--set", "iterations=1") == 1
+    table = index(out).set_index("row")
+    assert table.loc[1, "status"] == "ok"
+    assert [table.loc[i, "status"] for i in range(2, 7)] == ["error"] * 5
+    assert "nope.png" in table.loc[2, "error"]
+    assert "corrupt.png" in table.loc[3, "error"]
+    assert "prompt" in table.loc[4, "error"]
+    assert "duplicate" in table.loc[5, "error"]
+    assert "unsafe" in table.loc[6, "error"]
+    assert sorted(p.name for p in (out / "items").iterdir()) == ["good"]
+    assert not (tmp_path / "escape").exists()
+
+
+def test_usage_errors_exit_2(prefect_server, tmp_path):
+    bad = tmp_path / "m.csv"
+    bad.write_text("picture,text\nx.png,hi\n")
+    assert run_cli(str(bad), "--out", str(tmp_path / "o")) == 2
+    assert run_cli(str(tmp_path / "absent.csv"), "--out", str(tmp_path / "o")) == 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_changing_proposals_reuses_dino_features(prefect_server, tmp_path):
+    out = tmp_path / "out"
+    args = [str(DEMO), "--out", str(out), "--preset", "tiny", "--set", "num_anchors=2",
+            "--set", "iterations=1"]
+    assert run_cli(*args, "--set", "num_proposals=3") == 0
+    features = mtimes(out / "cache" / "features")
+    regions_before = set(mtimes(out / "cache" / "regions"))
+    assert len(features) == 4
+    assert run_cli(*args, "--set", "num_proposals=4") == 0
+    assert mtimes(out / "cache" / "features") == features  # reused, not rewritten
+    assert set(mtimes(out / "cache" / "regions")) > regions_before  # regions recomputed
+    assert not index(out)["reused"].any()
+
+
+def test_killed_run_resumes_without_recomputing_or_losing_items(prefect_server, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ}
+    env.pop("PREFECT_API_URL", None)  # the child runs on its own temporary server
+    cmd = [sys.executable, "-m", "lregions_core.cli", "edit", str(ORACLE), "--out", str(out),
+           "--preset", "oracle", "--chunk-size", "2"]
+    child = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if len(list((out / "items").glob("*/result.json"))) >= 3 if out.exists() else False:
+            break
+        if child.poll() is not None:
+            pytest.fail("the batch finished before it could be killed")
+        time.sleep(0.05)
+    else:
+        child.kill()
+        pytest.fail("no item finished in time")
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait()
+    survivors = {p.parent.name: p.stat().st_mtime_ns for p in (out / "items").glob("*/result.json")}
+    total = len(ORACLE.read_text().splitlines()) - 1
+    assert 3 <= len(survivors) < total
+
+    assert run_cli(str(ORACLE), "--out", str(out), "--preset", "oracle", "--chunk-size", "2") == 0
+    table = index(out)
+    assert len(table) == total and (table["status"] == "ok").all()
+    reused = set(table.loc[table["reused"], "id"])
+    assert set(survivors) <= reused  # no finished item recomputed
+    for item_id, stamp in survivors.items():
+        assert (out / "items" / item_id / "result.json").stat().st_mtime_ns == stamp
+    for row in table.itertuples():  # every item complete and readable
+        Image.open(out / row.final_path).load()
+    shutil.rmtree(out)
