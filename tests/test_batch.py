@@ -160,3 +160,21 @@ def test_killed_run_resumes_without_recomputing_or_losing_items(prefect_server, 
     for row in table.itertuples():  # every item complete and readable
         Image.open(out / row.final_path).load()
     shutil.rmtree(out)
+
+
+def test_prefect_yaml_deployments_point_at_the_flow():
+    import importlib
+
+    import yaml
+    from prefect.client.schemas.schedules import CronSchedule
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    names = {d["name"]: d for d in spec["deployments"]}
+    assert {"batch-edit-nightly", "batch-edit"} <= set(names)
+    CronSchedule(cron=names["batch-edit-nightly"]["schedules"][0]["cron"])  # raises if invalid
+    for deployment in spec["deployments"]:
+        path, _, func = deployment["entrypoint"].partition(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        flow = getattr(module, func)
+        assert set(deployment["parameters"]) <= set(flow.parameters.properties)
+        assert (ROOT / deployment["parameters"]["manifest"]).is_file()
