@@ -111,7 +111,43 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         f"{summary['ok']} ok, {summary['failed']} failed, {summary['reused']} reused from cache, "
         f"{summary['seconds']:.1f} s -> {summary['index']}"
     )
+    if summary.get("report"):
+        print(f"report: {summary['report']}")
     return 0 if summary["failed"] == 0 else 1
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    """An ablation grid (a Prefect flow); the grid file format is in flows/ablate.py."""
+    from lregions_core.manifest import read_manifest
+
+    read_manifest(args.manifest)  # usage errors before any work
+    prefect_defaults()
+    from flows.ablate import ablate, cells, load_grid
+
+    grid = load_grid(args.grid)
+    for cell in cells(grid):  # every cell's settings must be valid before any work
+        from flows.ablate import cell_overrides
+
+        make_config(args.preset or grid.get("preset", "default"),
+                    {**grid.get("set", {}), **cell_overrides(cell)}, args.set)
+    summary = ablate(manifest=args.manifest, out=args.out, grid=grid, preset=args.preset,
+                     sets=list(args.set), chunk_size=args.chunk_size)
+    print(f"{summary['cells']} cells, {summary['ok']} ok, {summary['failed']} failed, "
+          f"{summary['seconds']:.1f} s -> {summary['table']}")
+    if summary.get("report"):
+        print(f"report: {summary['report']}")
+    return 0 if summary["failed"] == 0 else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lregions_core.report import write_report
+
+    if not (Path(args.dir) / "index.parquet").exists() and not (
+        Path(args.dir) / "ablation.parquet"
+    ).exists():
+        raise ConfigError(f"{args.dir} has no index.parquet or ablation.parquet")
+    print(write_report(args.dir))
+    return 0
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -163,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=8, help="rows per task run")
     config_args(p)
     p.set_defaults(run=_cmd_edit)
+
+    p = sub.add_parser("ablate", help="run an ablation grid over a manifest (Prefect flow)")
+    p.add_argument("manifest")
+    p.add_argument("--out", required=True)
+    p.add_argument("--grid", required=True, help="YAML grid file (see flows/ablate.py)")
+    p.add_argument("--preset", default=None, help="base preset (default: the grid's, else default)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--chunk-size", type=int, default=8)
+    p.set_defaults(run=_cmd_ablate)
+
+    p = sub.add_parser("report", help="write DIR/report.html for a batch or ablation folder")
+    p.add_argument("dir")
+    p.set_defaults(run=_cmd_report)
 
     p = sub.add_parser("presets", help="list presets")
     p.set_defaults(run=_cmd_presets)

@@ -228,10 +228,13 @@ def overlay(image: Image.Image, anchors: np.ndarray, boxes: list, chosen: int) -
     return canvas
 
 
-def outputs(row: ManifestRow, state: dict, config: Config, store: Store) -> dict:
-    """``items/<id>/``: input, overlay, candidates, final image, then result.json (last, so its
-    presence means the item is complete)."""
-    item = f"items/{row.id}"
+def outputs(
+    row: ManifestRow, state: dict, config: Config, store: Store, items: str = "items"
+) -> dict:
+    """``<items>/<id>/``: input, overlay, candidates, final image, then result.json (last, so its
+    presence means the item is complete). ``final_path`` is relative to the folder holding
+    ``items`` (where that run's index.parquet goes)."""
+    item = f"{items}/{row.id}"
     found = store.read_json(f"{state['regions_path']}/candidates.json")
     source = store.read_png(state["image_path"])
     work_size = tuple(found["work_size"])
@@ -272,13 +275,13 @@ def outputs(row: ManifestRow, state: dict, config: Config, store: Store) -> dict
         "library_version": library_version(),
     }
     store.write_json(f"{item}/result.json", result)
-    return {"final_path": f"{item}/final.png", "box": box, "result": result}
+    return {"final_path": f"items/{row.id}/final.png", "box": box, "result": result}
 
 
-def finished_item(row: ManifestRow, state: dict, config: Config, store: Store) -> dict | None:
+def finished_item(row: ManifestRow, state: dict, store: Store, items: str = "items") -> dict | None:
     """The stored result of this item if a previous run completed it with the same inputs and
     settings (the item key), else None."""
-    rel = f"items/{row.id}/result.json"
+    rel = f"{items}/{row.id}/result.json"
     if "item_key" not in state or not store.exists(rel):
         return None
     try:
@@ -286,6 +289,39 @@ def finished_item(row: ManifestRow, state: dict, config: Config, store: Store) -
     except (ValueError, OSError):
         return None
     return result if result.get("item_key") == state["item_key"] else None
+
+
+EVAL_SETTINGS = (
+    "features", "feature_model", "feature_size", "feature_kwargs", "random_weights", "scorer",
+    "clip_model", "clip_pretrained", "clip_kwargs", "work_size", "work_multiple",
+)
+
+
+def evaluate(
+    row: ManifestRow, state: dict, config: Config, store: Store, evaluator: Callable,
+    items: str = "items",
+) -> dict:
+    """Metrics of a finished item (see :mod:`lregions_core.metrics`), stored beside it and
+    reused while the item and the evaluation models are unchanged."""
+    rel = f"{items}/{row.id}/metrics.json"
+    key = _hash(state["item_key"], config.digest(EVAL_SETTINGS), library_version())
+    if store.exists(rel):
+        try:
+            found = store.read_json(rel)
+            if found.get("eval_key") == key:
+                return {"evaluation": found}
+        except (ValueError, OSError):
+            pass  # unreadable: recompute
+    result = state.get("result") or store.read_json(f"{items}/{row.id}/result.json")
+    found = evaluator().evaluate(
+        store.read_png(f"{items}/{row.id}/input.png"),
+        store.read_png(f"{items}/{row.id}/final.png"),
+        prompt=row.prompt, source_prompt=row.source, box=tuple(result["box"]),
+        target_box=row.target_box,
+    )
+    found = {"eval_key": key, **found}
+    store.write_json(rel, found)
+    return {"evaluation": found}
 
 
 def timed(seconds: dict, name: str, fn: Callable, *args) -> Any:

@@ -71,14 +71,14 @@ def _each(states: list[dict], stage: str, work: Callable[[ManifestRow, dict], di
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
-def ingest_chunk(states: list[dict], config: dict, out: str) -> list[dict]:
+def ingest_chunk(states: list[dict], config: dict, out: str, items: str = "items") -> list[dict]:
     """Hash and normalise images; plan every stage's key; spot items a previous run finished."""
     store, cfg = Store(out), _config(config)
 
     def work(row: ManifestRow, state: dict) -> dict:
         found = stages.ingest(row, store)
         found.update(stages.plan(row, found["image_hash"], cfg))
-        done = stages.finished_item(row, found, cfg, store)
+        done = stages.finished_item(row, found, store, items)
         if done is not None:
             found.update(status="ok", reused=True, final_path=f"items/{row.id}/final.png",
                          box=done["box"], result=done)
@@ -104,16 +104,38 @@ def regions_chunk(states: list[dict], config: dict, out: str) -> list[dict]:
 
 
 @task(name="outputs", cache_policy=NO_CACHE)
-def outputs_chunk(states: list[dict], config: dict, out: str) -> list[dict]:
+def outputs_chunk(states: list[dict], config: dict, out: str, items: str = "items") -> list[dict]:
     """Select the final edit and write each item's files as soon as that item is done."""
     store, cfg = Store(out), _config(config)
 
     def work(row: ManifestRow, state: dict) -> dict:
         state.update(stages.select(state, cfg, store))
-        written = stages.outputs(row, state, cfg, store)
+        written = stages.outputs(row, state, cfg, store, items)
         return {**written, "status": "ok", "reused": False}
 
     return _report(_each(states, "select+outputs", work))
+
+
+@functools.lru_cache(maxsize=2)
+def _evaluator(config_json: str):
+    from lregions_core.metrics import Evaluator
+
+    return Evaluator(Config(**json.loads(config_json)))
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_chunk(states: list[dict], config: dict, out: str, items: str = "items") -> list[dict]:
+    """Metrics of every finished item (reused or new); a failing metric fails only its row."""
+    store, cfg = Store(out), _config(config)
+    evaluator = functools.partial(_evaluator, json.dumps(config, sort_keys=True))
+    for state in states:
+        if state["status"] != "ok":
+            continue
+        try:
+            state.update(stages.evaluate(_row(state), state, cfg, store, evaluator, items))
+        except Exception as exc:  # noqa: BLE001 - keep the edit; report the metric failure
+            state["evaluation_error"] = f"evaluate: {exc}"
+    return states
 
 
 def _report(states: list[dict]) -> list[dict]:

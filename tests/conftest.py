@@ -47,3 +47,15 @@ def offline_hub(monkeypatch, tmp_path):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect server for the whole test session (starting one costs ~25 s)."""
+    from lregions_core.cli import prefect_defaults
+
+    prefect_defaults()
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -20,17 +20,6 @@ DEMO = ROOT / "manifests" / "demo.csv"
 ORACLE = ROOT / "manifests" / "oracle.csv"
 
 
-@pytest.fixture(scope="session")
-def prefect_server():
-    from lregions_core.cli import prefect_defaults
-
-    prefect_defaults()
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
 def run_cli(*args: str) -> int:
     from lregions_core.cli import main
 
@@ -177,4 +166,17 @@ def test_prefect_yaml_deployments_point_at_the_flow():
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         flow = getattr(module, func)
         assert set(deployment["parameters"]) <= set(flow.parameters.properties)
-        assert (ROOT / deployment["parameters"]["manifest"]).is_file()
+        if "manifest" in deployment["parameters"]:
+            assert (ROOT / deployment["parameters"]["manifest"]).is_file()
+    assert "evaluation-report-nightly" in names
+
+
+def test_every_setting_is_read_by_a_stage_or_is_operational():
+    """A new Config field must be put in a stage's settings, or caches would ignore it."""
+    import dataclasses
+
+    from lregions_core.config import Config
+    from lregions_core.stages import OPERATIONAL_SETTINGS, STAGE_SETTINGS
+
+    covered = set(OPERATIONAL_SETTINGS).union(*STAGE_SETTINGS.values())
+    assert {f.name for f in dataclasses.fields(Config)} == covered

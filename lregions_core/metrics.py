@@ -1,0 +1,345 @@
+"""Evaluation metrics: CLIP similarities, background preservation, structure distance, box IoU.
+
+The conventions are those of ``shared/docs/ALGORITHM.md`` ("Evaluation conventions"). The pure
+functions take numpy images (H, W, 3), uint8 or float in [0, 255], and compute on [0, 1] floats;
+a ``mask`` is (H, W) bool, True on the pixels that COUNT (the unedited background). Every masked
+statistic is a true masked mean over the counted pixels, never a statistic of a zero-filled image
+(zero-filling drags the value towards "identical" by the share of masked-out pixels).
+
+:class:`Evaluator` builds the models a config names (lazily, once per process) and reports a
+metric as ``None`` with a reason when its model cannot be had, rather than a number from random
+weights (those are used only when ``config.random_weights`` says so, and reported as such).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lregions_core.anchors import box_iou
+from lregions_core.config import Config
+from lregions_core.images import to_working
+from lregions_core.models.weights import WeightsUnavailableError
+
+METRICS = (  # in report order
+    "clip_text_image", "clip_text_image_region", "clip_image_image", "clip_directional",
+    "bg_mse", "bg_psnr", "bg_ssim", "bg_lpips", "structure_distance", "box_iou",
+)
+CLIP_METRICS = METRICS[:4]
+LPIPS_MIN_SIDE = 31  # AlexNet's pooling leaves no feature map below 31 px per side
+NEUTRAL_SOURCE_PROMPT = "a photo"  # same T_src as the CLIP scorer when no caption is given
+RANDOM_INIT_SEED = 0  # a random LPIPS backbone is the same in every process
+
+Box = Sequence[float]
+
+
+# --- pure functions ---------------------------------------------------------------------------
+def _unit(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float64 in [0, 1] from uint8 or float in [0, 255]."""
+    array = np.asarray(image, dtype=np.float64)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected an (H, W, 3) image, got shape {array.shape}")
+    return array / 255.0
+
+
+def _check(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, ...]:
+    a, b, mask = _unit(a), _unit(b), np.asarray(mask, dtype=bool)
+    if a.shape != b.shape or mask.shape != a.shape[:2]:
+        raise ValueError(f"shapes differ: {a.shape}, {b.shape}, mask {mask.shape}")
+    if not mask.any():
+        raise ValueError("the mask has no counted pixel (no background to measure)")
+    return a, b, mask
+
+
+def masked_mse(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Mean squared difference (values in [0, 1]) over the counted pixels and the 3 channels."""
+    a, b, mask = _check(a, b, mask)
+    return float(((a - b) ** 2)[mask].mean())  # (n_counted, 3) -> one mean
+
+
+def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """10 log10(1 / MSE) in dB for a peak of 1; ``inf`` when the counted pixels are equal."""
+    mse = masked_mse(a, b, mask)
+    return float("inf") if mse == 0 else float(10.0 * math.log10(1.0 / mse))
+
+
+def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of skimage's SSIM map (averaged over channels) over the counted pixels.
+
+    The window is 7x7 (skimage's default) or, for smaller images, the largest odd size that
+    fits, at least 3; images under 3 px per side raise ValueError. The whole map is used (no
+    border crop), since a masked mean has no reason to drop the counted pixels near the border.
+    The window makes SSIM leak: pixels within its radius of an edit see it.
+    """
+    from skimage.metrics import structural_similarity
+
+    a, b, mask = _check(a, b, mask)
+    side = min(a.shape[:2])
+    if side < 3:
+        raise ValueError(f"SSIM needs at least 3x3 pixels, got {a.shape[:2]}")
+    win = min(7, side if side % 2 else side - 1)
+    _, full = structural_similarity(a, b, channel_axis=-1, data_range=1.0, full=True, win_size=win)
+    return float(full.mean(axis=-1)[mask].mean())
+
+
+def background_mask(size: tuple[int, int], region: Sequence[int]) -> np.ndarray:
+    """(H, W) bool for ``size`` = (width, height): True outside the integer pixel-edge
+    rectangle ``region`` = (x0, y0, x1, y1) (x1, y1 exclusive; clipped to the image)."""
+    w, h = size
+    x0, y0, x1, y1 = (int(v) for v in region)
+    mask = np.ones((h, w), dtype=bool)
+    mask[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = False
+    return mask
+
+
+def self_similarity(tokens: np.ndarray) -> np.ndarray:
+    """(h*w, h*w) cosine similarities of the (C, h, w) tokens, in row-major patch order.
+    A zero token has cosine 0 with everything (its norm is clamped, not divided by)."""
+    t = np.asarray(tokens, dtype=np.float64)
+    if t.ndim != 3:
+        raise ValueError(f"expected (C, h, w) tokens, got shape {t.shape}")
+    flat = t.reshape(t.shape[0], -1).T  # (h*w, C)
+    flat = flat / np.maximum(np.linalg.norm(flat, axis=1, keepdims=True), 1e-12)
+    return flat @ flat.T
+
+
+def structure_distance(tokens_a: np.ndarray, tokens_b: np.ndarray) -> float:
+    """MSE between the self-similarity matrices of two token grids (same h, w required)."""
+    a, b = np.asarray(tokens_a), np.asarray(tokens_b)
+    if a.ndim != 3 or b.ndim != 3 or a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"token grids differ: {a.shape} vs {b.shape}")
+    return float(((self_similarity(a) - self_similarity(b)) ** 2).mean())
+
+
+def pixel_box(box: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The integer rectangle of every pixel ``box`` touches (floor/ceil), clipped to ``size``."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    corners = (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1))
+    return tuple(min(max(v, 0), size[i % 2]) for i, v in enumerate(corners))  # type: ignore
+
+
+# --- components, built once per process (failures too) ----------------------------------------
+def _short(exc: BaseException) -> str:
+    """A one-line reason: the first sentence of a weights error, else type and first line."""
+    if isinstance(exc, WeightsUnavailableError):  # its first sentence, without the long cause
+        return f"weights for the {exc.component} {exc.name!r} are not available"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text.split('. ')[0]}"
+
+
+def _key(config: Config, fields: Sequence[str]) -> str:
+    return json.dumps({f: getattr(config, f) for f in fields}, sort_keys=True)
+
+
+CLIP_FIELDS = ("scorer", "clip_model", "clip_pretrained", "clip_kwargs", "clip_structure_layer",
+               "weights_dir", "random_weights", "device", "dtype")
+DINO_FIELDS = ("features", "feature_model", "feature_size", "feature_kwargs", "weights_dir",
+               "random_weights", "device", "dtype")
+BuildResult = tuple[Any, str | None]  # (component, None) or (None, reason)
+
+
+@functools.lru_cache(maxsize=8)
+def _model(kind: str, key: str) -> BuildResult:
+    """The CLIP scorer (``kind`` "clip") or DINO extractor ("dino") for the settings in ``key``,
+    or why there is none. Cached either way, so a failure is not retried for every image."""
+    config = Config().replace(**json.loads(key))
+    if kind == "clip" and (config.scorer != "clip" or config.clip_model == "none"):
+        return None, "the oracle preset has no CLIP model"
+    if kind == "clip" and not config.clip_pretrained and not config.random_weights:
+        # open_clip would silently build random weights: never report numbers from those.
+        return None, "clip_pretrained is null: no CLIP weights (random_weights is false)"
+    if kind == "dino" and config.features != "dino":
+        return None, "no DINO model in this preset"
+    # Importing the model modules registers "clip" and "dino".
+    import lregions_core.models.clip
+    import lregions_core.models.dino  # noqa: F401
+    from lregions_core.registry import FEATURE_EXTRACTORS, SCORERS
+
+    try:
+        return (SCORERS if kind == "clip" else FEATURE_EXTRACTORS).build(kind, config), None
+    except (WeightsUnavailableError, OSError, RuntimeError, ValueError, ImportError) as exc:
+        return None, _short(exc)
+
+
+def _offline() -> bool:
+    """The project's offline switch, HF_HUB_OFFLINE (the hub reads it at import time)."""
+    import huggingface_hub.constants as hf_constants
+
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return bool(hf_constants.HF_HUB_OFFLINE) or env
+
+
+@functools.lru_cache(maxsize=4)
+def _lpips(key: str) -> BuildResult:
+    """LPIPS (AlexNet, spatial map) or why there is none. Pretrained: torchvision's ImageNet
+    AlexNet (downloaded into the torch hub cache) plus the package's linear layers. Random
+    weights: a seeded random AlexNet with the package's own linear layers (no download)."""
+    settings = json.loads(key)
+    random_backbone = bool(settings["random_weights"])  # pretrained=True: the linear layers
+    try:
+        import lpips
+        from torchvision.models import AlexNet_Weights
+    except ImportError as exc:
+        return None, f"lpips is not installed ({exc})"
+    url = AlexNet_Weights.IMAGENET1K_V1.url
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not random_backbone and not os.path.isfile(cached) and _offline():
+        # A download with no network can hang (urllib has no timeout): do not try.
+        return None, f"weights for LPIPS' AlexNet are not available (offline; not in {cached})"
+    quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+    try:
+        with warnings.catch_warnings(), quiet[0], quiet[1], torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation notes
+            torch.manual_seed(RANDOM_INIT_SEED)
+            kwargs = {"pnet_rand": random_backbone, "spatial": True, "verbose": False}
+            model = lpips.LPIPS(net="alex", pretrained=True, **kwargs)
+    except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
+        return None, f"weights for LPIPS' AlexNet are not available ({_short(exc)})"
+    model = model.eval().requires_grad_(False).to(settings["device"])
+    return model, None
+
+
+# --- the evaluator ----------------------------------------------------------------------------
+class Evaluator:
+    """All metrics of one edit, from the models ``config`` names (see the module docstring)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        lpips_key = {"random_weights": config.random_weights, "device": config.device_resolved}
+        self._keys = {"clip": _key(config, CLIP_FIELDS), "dino": _key(config, DINO_FIELDS),
+                      "lpips": json.dumps(lpips_key, sort_keys=True)}
+
+    def evaluate(
+        self,
+        source: Image.Image,
+        final: Image.Image,
+        *,
+        prompt: str,
+        source_prompt: str | None,
+        box: Box,
+        target_box: Box | None = None,
+    ) -> dict[str, Any]:
+        """``{"metrics": {name: float | None}, "missing": {name: reason}, "weights": ...}``.
+
+        ``box`` (the chosen region) and ``target_box`` (a ground-truth region) are in input
+        pixels; ``final`` must have the source's size. The background is everything outside
+        ``target_box`` when given, else outside ``box``: outside the chosen box the pixels are
+        the input's by construction (paste-back), so without ground truth the bg_* metrics
+        measure only the feather (and the box choice is not judged by them).
+        """
+        source, final = source.convert("RGB"), final.convert("RGB")
+        if source.size != final.size:
+            raise ValueError(f"final {final.size} and source {source.size} sizes differ")
+        metrics: dict[str, float | None] = dict.fromkeys(METRICS)
+        missing: dict[str, str] = {}
+
+        def record(names: Sequence[str], fn: Any) -> None:
+            try:
+                metrics.update(fn())
+            except _Missing as why:
+                missing.update(dict.fromkeys(names, str(why)))
+
+        region = box if target_box is None else target_box
+        record(CLIP_METRICS, lambda: self._clip_metrics(source, final, prompt, source_prompt, box))
+        record(("bg_mse", "bg_psnr", "bg_ssim", "bg_lpips"),
+               lambda: self._background(source, final, region, missing))
+        record(("structure_distance",), lambda: self._structure(source, final))
+        record(("box_iou",), lambda: self._iou(box, target_box))
+        missing = {name: missing[name] for name in METRICS if name in missing}  # stable order
+        weights = "random" if self.config.random_weights else "pretrained"
+        return {"metrics": metrics, "missing": missing, "weights": weights}
+
+    # --- groups of metrics; each raises _Missing when none of its metrics can be had --------
+    def _clip_metrics(
+        self, source: Image.Image, final: Image.Image, prompt: str, source_prompt: str | None,
+        box: Box,
+    ) -> dict[str, float | None]:
+        scorer, reason = _model("clip", self._keys["clip"])
+        if scorer is None:
+            raise _Missing(reason)
+        x0, y0, x1, y1 = pixel_box(box, final.size)
+        if x1 <= x0 or y1 <= y0:
+            raise _Missing(f"the box {tuple(box)} covers no pixel of the image")
+        src_text = (source_prompt or "").strip() or NEUTRAL_SOURCE_PROMPT
+        e_final, e_source, e_region = scorer.embed([final, source, final.crop((x0, y0, x1, y1))])
+        t_prompt, t_source = scorer.encode_text([prompt, src_text])
+        delta, direction = e_final - e_source, t_prompt - t_source
+        # An unchanged image has no edit direction: cosine 0, as in the scorer's L_dir.
+        if float(delta.norm()) <= scorer.zero_delta:
+            directional = 0.0
+        else:
+            norms = (delta.norm() * direction.norm()).clamp_min(1e-12)
+            directional = float(delta @ direction / norms)
+        return {  # embeddings are L2-normalised: the dot product is the cosine
+            "clip_text_image": float(e_final @ t_prompt),
+            "clip_text_image_region": float(e_region @ t_prompt),
+            "clip_image_image": float(e_final @ e_source),
+            "clip_directional": directional,
+        }
+
+    def _background(
+        self, source: Image.Image, final: Image.Image, region: Box, missing: dict[str, str]
+    ) -> dict[str, float | None]:
+        a, b = np.asarray(source), np.asarray(final)
+        mask = background_mask(source.size, pixel_box(region, source.size))
+        if not mask.any():
+            raise _Missing("the region covers the whole image: no background to measure")
+        out: dict[str, float | None] = {
+            "bg_mse": masked_mse(a, b, mask),
+            "bg_psnr": masked_psnr(a, b, mask),
+        }
+        try:
+            out["bg_ssim"] = masked_ssim(a, b, mask)
+        except ValueError as exc:
+            missing["bg_ssim"] = str(exc)
+        try:
+            out["bg_lpips"] = self._bg_lpips(a, b, mask)
+        except _Missing as why:
+            missing["bg_lpips"] = str(why)
+        return out
+
+    def _bg_lpips(self, a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+        model, reason = _lpips(self._keys["lpips"])
+        if model is None:
+            raise _Missing(reason)
+        if min(a.shape[:2]) < LPIPS_MIN_SIDE:
+            raise _Missing(f"image under {LPIPS_MIN_SIDE} px per side: too small for LPIPS")
+        device = next(model.parameters()).device
+
+        def tensor(x: np.ndarray) -> torch.Tensor:  # (1, 3, H, W) in [0, 1]
+            return torch.from_numpy(_unit(x).astype(np.float32)).permute(2, 0, 1)[None]
+
+        with torch.inference_mode():
+            # normalize=True maps [0, 1] to LPIPS' [-1, 1]; spatial=True gives a (1, 1, H, W) map
+            dist = model(tensor(a).to(device), tensor(b).to(device), normalize=True)
+        return float(dist[0, 0].cpu().numpy()[mask].mean())
+
+    def _structure(self, source: Image.Image, final: Image.Image) -> dict[str, float]:
+        extractor, reason = _model("dino", self._keys["dino"])
+        if extractor is None:
+            raise _Missing(reason)
+        # The working images the pipeline's DINO sees; equal input sizes give equal grids.
+        size, multiple = self.config.work_size, self.config.work_multiple
+        tokens = [extractor(to_working(im, size, multiple)).patches for im in (source, final)]
+        return {"structure_distance": structure_distance(*tokens)}
+
+    @staticmethod
+    def _iou(box: Box, target_box: Box | None) -> dict[str, float]:
+        if target_box is None:
+            raise _Missing("no target_box in the manifest")
+        return {"box_iou": float(box_iou(np.asarray(box), np.asarray(target_box)))}
+
+
+class _Missing(Exception):
+    """A metric group that cannot be computed; the message is the reason reported."""
