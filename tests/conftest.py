@@ -59,3 +59,37 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium's connections are refused on a closed network.
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def render_in_chromium(page_path, screenshot):
+    """Open a local HTML page in Debian's headless Chromium (skip, saying why, without it).
+    Returns ([{src, ok}] per <img>, number of <script> elements, every URL requested)."""
+    from pathlib import Path
+
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} missing (Debian: apt-get install -y chromium)")
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="playwright missing (pip install 'playwright>=1.50')")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            requests: list[str] = []
+            page.on("request", lambda request: requests.append(request.url))
+            page.goto(Path(page_path).resolve().as_uri(), wait_until="load")
+            images = page.evaluate(
+                "() => Array.from(document.images).map(i => ({src: i.getAttribute('src'),"
+                " ok: i.complete && i.naturalWidth > 0}))")
+            scripts = page.evaluate("() => document.querySelectorAll('script').length")
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    return images, scripts, requests

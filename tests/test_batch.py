@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import render_in_chromium
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,13 +54,20 @@ def test_demo_manifest_end_to_end_then_rerun_reuses_everything(prefect_server, t
         assert Image.open(item / "final.png").size == source.size
         assert 0 <= x0 < x1 <= source.width and 0 <= y0 < y1 <= source.height
     assert not list(out.rglob("*.tmp"))
+    assert table["metrics_weights"].eq("random").all()  # tiny preset: said, not hidden
+    assert table["clip_text_image"].notna().all() and table["box_iou"].isna().all()
+
+    # the report of the real demo output renders with every image loaded
+    images, _, _ = render_in_chromium(out / "report.html", tmp_path / "demo-report.png")
+    assert len(images) > 4 * 11 and all(i["ok"] for i in images)
 
     before = mtimes(out / "items")
     assert run_cli(str(DEMO), "--out", str(out), "--preset", "tiny") == 0
     again = index(out)
     assert again["reused"].all()
     assert list(again["box"]) == list(table["box"])
-    assert mtimes(out / "items") == before  # nothing rewritten
+    changed = {k for k, v in mtimes(out / "items").items() if before.get(k) != v}
+    assert not changed, changed  # nothing rewritten
 
 
 def test_bad_rows_fail_alone(prefect_server, tmp_path):

@@ -14,15 +14,11 @@ from urllib.parse import unquote
 
 import pandas as pd
 import pytest
+from conftest import render_in_chromium
 from PIL import Image, ImageDraw
 
 from lregions_core.report import RANDOM_BANNER, summary_tables, write_report
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 EVIL = "<script>alert('x')</script>"
 METRICS = ["clip_text_image", "clip_image_image", "bg_ssim", "bg_lpips", "box_iou"]
 
@@ -209,29 +205,11 @@ def test_missing_and_remote_folders(tmp_path):
 
 @pytest.mark.parametrize("kind", ["batch", "ablation"])
 def test_report_in_headless_chromium(tmp_path, kind):
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"{CHROMIUM} missing (Debian: apt-get install -y chromium)")
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright missing (pip install 'playwright>=1.50')")
     folder = (make_batch if kind == "batch" else make_ablation)(tmp_path / kind)
-    page_path = write_report(folder)
-    with sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            requests: list[str] = []
-            page.on("request", lambda request: requests.append(request.url))
-            page.goto(page_path.resolve().as_uri(), wait_until="load")
-            images = page.evaluate(
-                "() => Array.from(document.images).map(i => ({src: i.getAttribute('src'),"
-                " ok: i.complete && i.naturalWidth > 0}))")
-            alerts = page.evaluate("() => document.querySelectorAll('script').length")
-            shot = tmp_path / "report.png"
-            page.screenshot(path=str(shot), full_page=True)
-        finally:
-            browser.close()
+    shot = tmp_path / "report.png"
+    images, scripts, requests = render_in_chromium(write_report(folder), shot)
     assert images and all(image["ok"] for image in images), [i for i in images if not i["ok"]]
-    assert alerts == 0
+    assert scripts == 0
     assert all(url.startswith("file://") for url in requests), requests
     assert shot.stat().st_size > 10_000
     suffix = "" if kind == "batch" else "-ablation"
