@@ -23,6 +23,7 @@ from prefect.cache_policies import NO_CACHE
 from lregions_core import stages
 from lregions_core.config import Config
 from lregions_core.manifest import ManifestRow
+from lregions_core.models.weights import WeightsUnavailableError
 from lregions_core.pipeline import Models
 from lregions_core.store import Store
 
@@ -31,8 +32,20 @@ PROGRESS: list[Callable[[dict], None]] = []  # called once per finished row (the
 
 
 @functools.lru_cache(maxsize=2)
+def _load_models(config_json: str) -> Models | WeightsUnavailableError:
+    # Missing weights are remembered too: otherwise every row of a large batch would retry
+    # the hub (tens of seconds each offline) only to fail the same way.
+    try:
+        return Models.load(Config(**json.loads(config_json)))
+    except WeightsUnavailableError as exc:
+        return exc
+
+
 def _models(config_json: str) -> Models:
-    return Models.load(Config(**json.loads(config_json)))
+    loaded = _load_models(config_json)
+    if isinstance(loaded, WeightsUnavailableError):
+        raise loaded
+    return loaded
 
 
 def _config(config: dict) -> Config:

@@ -188,3 +188,29 @@ def test_every_setting_is_read_by_a_stage_or_is_operational():
 
     covered = set(OPERATIONAL_SETTINGS).union(*STAGE_SETTINGS.values())
     assert {f.name for f in dataclasses.fields(Config)} == covered
+
+
+def test_missing_weights_fail_rows_with_the_reason_and_load_once(prefect_server, tmp_path,
+                                                                  offline_hub, monkeypatch):
+    from lregions_core.pipeline import Models
+    from tasks import stages as task_stages
+
+    calls = []
+    real_load = Models.load.__func__
+
+    def counting_load(cls, config):
+        calls.append(1)
+        return real_load(cls, config)
+
+    monkeypatch.setattr(Models, "load", classmethod(counting_load))
+    task_stages._load_models.cache_clear()
+    out = tmp_path / "out"
+    code = run_cli(str(DEMO), "--out", str(out), "--preset", "tiny", "--set",
+                   "random_weights=false", "--set", "clip_pretrained=openai")
+    assert code == 1
+    table = index(out)
+    assert (table["status"] == "error").all()
+    assert table["error"].str.contains("weights for the").all()
+    assert table["error"].str.contains("lregions download").all()
+    assert len(calls) == 1  # the failure is remembered, not retried per row
+    task_stages._load_models.cache_clear()
