@@ -35,6 +35,7 @@ from PIL import Image
 from lregions_core.config import Config
 from lregions_core.images import box_mask
 from lregions_core.interfaces import CandidateScores, Editor, EditRequest, Features, Scorer
+from lregions_core.models.runtime import seeded
 from lregions_core.region_net import RegionNet, box_geometry, pool_proposals
 
 Box = tuple[float, float, float, float]
@@ -206,8 +207,7 @@ def _learn(
     n = boxes.shape[0]
     pooled = pool_proposals(features.patches, boxes, size, config.roi_size)
     geometry = box_geometry(boxes, size)
-    with torch.random.fork_rng(devices=[]):  # deterministic init without touching global RNG
-        torch.manual_seed(seed)
+    with seeded(seed):  # deterministic init without touching the global RNG
         net = RegionNet(pooled.shape[2], config.roi_size, config.rgn_hidden)
     start = [p.detach().clone() for p in net.parameters()]
     optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)

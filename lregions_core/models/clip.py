@@ -32,13 +32,12 @@ from PIL import Image
 
 from lregions_core.config import Config
 from lregions_core.interfaces import CandidateScores
-from lregions_core.models.runtime import resolve_device, resolve_dtype
+from lregions_core.models.runtime import resolve_device, resolve_dtype, seeded
 from lregions_core.models.weights import WeightsUnavailableError, local_path
 from lregions_core.registry import SCORERS
 
 NEUTRAL_SOURCE_PROMPT = "a photo"  # T_src when the user gives no source caption
 ENCODE_BATCH = 64  # images per CLIP forward (bounds memory for many candidates x views)
-RANDOM_INIT_SEED = 0  # random weights are the same in every process (restartable runs agree)
 WEIGHT_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors", "model.safetensors")
 PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -117,8 +116,7 @@ def load_clip(key: str) -> ClipBundle:
         pretrained = _local_checkpoint(settings["weights_dir"], weights_name) or pretrained
     # Random init draws from the global RNG: fork it so building neither disturbs the caller's
     # stream nor differs between processes.
-    with torch.random.fork_rng(devices=[]), _quiet_random_init(not pretrained):
-        torch.manual_seed(RANDOM_INIT_SEED)
+    with seeded(), _quiet_random_init(not pretrained):
         try:
             # create_model, not create_model_and_transforms: its transforms centre-crop, and
             # the scorer does its own preprocessing (see the module docstring).
@@ -222,8 +220,7 @@ class ClipScorer:
         """``count`` random views of ``pixels``; a pure function of the pixels and ``seed``."""
         # v2 transforms draw their parameters from the global CPU generator: fork it, so the
         # views depend only on the seed and the caller's random stream is left untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
+        with seeded(seed):
             return [self._augment(pixels).clamp_(0.0, 1.0) for _ in range(count)]
 
     def _normalise(self, views: torch.Tensor) -> torch.Tensor:

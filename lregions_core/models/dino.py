@@ -19,13 +19,12 @@ from PIL import Image
 
 from lregions_core.config import Config
 from lregions_core.interfaces import Features
-from lregions_core.models.runtime import resolve_device, resolve_dtype
+from lregions_core.models.runtime import resolve_device, resolve_dtype, seeded
 from lregions_core.models.weights import WeightsUnavailableError, local_path
 from lregions_core.registry import FEATURE_EXTRACTORS
 
 # A local weights folder may hold any of these (timm / Hugging Face / open_clip naming).
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
-RANDOM_INIT_SEED = 0  # random weights are the same in every process (restartable runs agree)
 
 
 def _weights_file(path: Path) -> Path:
@@ -72,8 +71,7 @@ def load_dino(key: str) -> torch.nn.Module:
         raise ValueError(f"unknown timm model {name!r}")
     # Random init draws from the global RNG: fork it so building neither disturbs the caller's
     # stream nor differs between processes.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
+    with seeded():
         try:
             model = timm.create_model(name, pretrained=pretrained, **kwargs)
         except (OSError, RuntimeError) as exc:

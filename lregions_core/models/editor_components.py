@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from lregions_core.models.runtime import seeded
 
 ARCHITECTURES = ("tiny", "full")
 
@@ -122,8 +122,7 @@ def sd_inpaint_components(architecture: str) -> dict[str, Any]:
     from lregions_core.models.tokenizer import clip_tokenizer_offline
 
     _check(architecture)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded():
         if architecture == "full":
             unet = UNet2DConditionModel(**SD2_UNET)
             vae = AutoencoderKL(**SD2_VAE)
@@ -177,8 +176,7 @@ def amused_components(architecture: str) -> dict[str, Any]:
     from lregions_core.models.tokenizer import clip_tokenizer_offline
 
     _check(architecture)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with seeded():
         if architecture == "full":
             transformer = UVit2DModel(**AMUSED512_TRANSFORMER)
             vqvae = VQModel(**AMUSED512_VQ)

@@ -1,10 +1,24 @@
-"""Device and dtype for a config, and one loaded copy of each model per process."""
+"""Device and dtype for a config, and scoped seeding of torch's random generator."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
 from lregions_core.config import Config
+
+RANDOM_INIT_SEED = 0  # random weights are the same in every process (restartable runs agree)
+
+
+@contextlib.contextmanager
+def seeded(seed: int = RANDOM_INIT_SEED) -> Iterator[None]:
+    """Run the block with torch's global generator seeded, then restore the caller's state:
+    reproducible random initialisations and augmentations without disturbing anyone else."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
 
 
 def resolve_device(config: Config) -> torch.device:
