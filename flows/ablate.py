@@ -23,12 +23,12 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.batch_edit import METRICS, publish_report, run_stages, summarise, write_index
+from flows.batch_edit import METRICS, publish_report, run_stages, write_index
 from lregions_core.config import ConfigError, make_config
 from lregions_core.manifest import read_manifest
+from lregions_core.report import AXES
 from lregions_core.store import Store
 
-AXES = ("num_anchors", "num_proposals", "mode", "losses")
 LOSS_TERMS = ("clip", "dir", "str")
 
 
@@ -100,8 +100,7 @@ def ablate(
         name = cell_id(cell)
         states = run_stages(rows, config, out, items=f"cells/{name}/items",
                             chunk_size=chunk_size)
-        write_index(store, f"cells/{name}/index.parquet", states, config)
-        frame = store.read_parquet(f"cells/{name}/index.parquet")
+        frame = write_index(store, f"cells/{name}/index.parquet", states, config)
         ok = frame[frame["status"] == "ok"]
         means = {m: float(ok[m].mean()) if ok[m].notna().any() else None
                  for m in ["text_sim", "image_sim", "loss", "editor_requests", *METRICS]}
@@ -109,13 +108,15 @@ def ablate(
                       "num_proposals": config.num_proposals, "mode": config.mode,
                       "losses": "+".join(t for t in LOSS_TERMS if getattr(config, f"w_{t}") > 0),
                       "rows": len(frame), "ok": len(ok), "failed": len(frame) - len(ok),
+                      "reused": int(frame["reused"].sum()),
                       "config_hash": config.digest(), **means})
         print(f"cell {name}: {len(ok)}/{len(frame)} ok")
     store.write_parquet("ablation.parquet", pd.DataFrame(table))
-    summary = {**summarise([], started), "cells": len(table),
-               "rows": len(rows) * len(table),
-               "failed": int(sum(c["failed"] for c in table)),
+    summary = {"cells": len(table), "rows": len(rows) * len(table),
                "ok": int(sum(c["ok"] for c in table)),
+               "failed": int(sum(c["failed"] for c in table)),
+               "reused": int(sum(c["reused"] for c in table)),
+               "seconds": round(time.perf_counter() - started, 2),
                "table": f"{out.rstrip('/')}/ablation.parquet"}
     if report:
         summary["report"] = publish_report(out, summary)

@@ -11,6 +11,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from lregions_core.config import Config, make_config
 from lregions_core.manifest import ManifestRow, read_manifest
+from lregions_core.metrics import METRICS
 from lregions_core.store import Store
 from tasks.stages import (
     evaluate_chunk,
@@ -20,10 +21,6 @@ from tasks.stages import (
     regions_chunk,
 )
 
-METRICS = [
-    "clip_text_image", "clip_text_image_region", "clip_image_image", "clip_directional",
-    "bg_mse", "bg_psnr", "bg_ssim", "bg_lpips", "structure_distance", "box_iou",
-]
 INDEX_COLUMNS = [
     "id", "status", "error", "final_path", "box", "text_sim", "image_sim", "loss",
     "selection_score", "editor_requests", "reused", "seconds_ingest", "seconds_features",
@@ -94,8 +91,9 @@ def batch_edit(
 
 def publish_report(out: str, summary: dict) -> str | None:
     """Write the HTML report and, inside a flow run, publish its tables as Prefect artifacts."""
-    from lregions_core.report import summary_tables, write_report
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    from lregions_core.report import summary_tables, write_report
 
     try:
         path = str(write_report(out))
@@ -158,10 +156,12 @@ def _index_row(state: dict, config: Config) -> dict:
     }
 
 
-def write_index(store: Store, rel: str, states: list[dict], config: Config) -> None:
+def write_index(store: Store, rel: str, states: list[dict], config: Config):
+    """Write one index row per state to ``rel``; returns the table (a pandas DataFrame)."""
     import pandas as pd
 
     frame = pd.DataFrame([_index_row(s, config) for s in states], columns=INDEX_COLUMNS)
     for metric in METRICS:
         frame[metric] = pd.to_numeric(frame[metric], errors="coerce").astype("float64")
     store.write_parquet(rel, frame)
+    return frame

@@ -13,53 +13,25 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from lregions_core.config import ConfigError, load_preset, make_config, preset_names
 
 
-def _write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _open_input(spec: str):
-    """A path / fsspec URL, or ``skimage:NAME`` for scikit-image's bundled sample photos."""
-    from lregions_core.images import ImageLoadError, load_image
-
-    if spec.startswith("skimage:"):
-        from PIL import Image
-        from skimage import data
-
-        name = spec.split(":", 1)[1]
-        loader = getattr(data, name, None)
-        if loader is None or name.startswith("_"):
-            raise ImageLoadError(spec, "no such scikit-image sample")
-        return Image.fromarray(loader()).convert("RGB")
-    return load_image(spec)
-
-
 def _cmd_edit_image(args: argparse.Namespace) -> int:
+    from lregions_core.images import load_image
     from lregions_core.pipeline import edit_image
+    from lregions_core.store import Store
 
     config = make_config(args.preset, {"mode": args.mode} if args.mode else None, args.set)
-    image = _open_input(args.image)
+    image = load_image(args.image)
     result = edit_image(
         image, args.prompt, source_prompt=args.source, config=config, seed=args.seed
     )
-    out = Path(args.out)
+    out = Store(args.out)  # every file written atomically
     for i, cand in enumerate(result.candidates):
-        _write_atomic(out / "candidates" / f"{i:02d}.png", lambda p, c=cand: c.image.save(p, "PNG"))
-    _write_atomic(out / "final.png", lambda p: result.image.save(p, "PNG"))
+        out.write_png(f"candidates/{i:02d}.png", cand.image)
+    out.write_png("final.png", result.image)
     record = {
         "image": args.image,
         "prompt": args.prompt,
@@ -70,10 +42,10 @@ def _cmd_edit_image(args: argparse.Namespace) -> int:
         "config_hash": config.digest(),
         **result.summary(),
     }
-    _write_atomic(out / "result.json", lambda p: Path(p).write_text(json.dumps(record, indent=2)))
+    out.write_json("result.json", record)
     print(
         f"box {result.box} from anchor {record['anchor']}, {result.editor_requests} edits "
-        f"({result.denoise_steps} denoising steps) -> {out / 'final.png'}"
+        f"({result.denoise_steps} denoising steps) -> {out.path('final.png')}"
     )
     return 0
 
@@ -122,12 +94,10 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
     read_manifest(args.manifest)  # usage errors before any work
     prefect_defaults()
-    from flows.ablate import ablate, cells, load_grid
+    from flows.ablate import ablate, cell_overrides, cells, load_grid
 
     grid = load_grid(args.grid)
     for cell in cells(grid):  # every cell's settings must be valid before any work
-        from flows.ablate import cell_overrides
-
         make_config(args.preset or grid.get("preset", "default"),
                     {**grid.get("set", {}), **cell_overrides(cell)}, args.set)
     summary = ablate(manifest=args.manifest, out=args.out, grid=grid, preset=args.preset,
@@ -186,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="path, fsspec URL, or skimage:NAME (e.g. skimage:chelsea)")
     p.add_argument("prompt", help='what the edited region should show, e.g. "a red hat"')
     p.add_argument("--source", help="caption of what is edited (for the directional loss)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (local path or fsspec URL)")
     p.add_argument("--mode", choices=["rgn", "exhaustive", "random", "dino-random"])
     p.add_argument("--seed", type=int)
     config_args(p)

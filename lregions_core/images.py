@@ -73,6 +73,34 @@ def _read_bytes(source: str | os.PathLike[str]) -> bytes:
         raise ImageLoadError(path, f"{type(e).__name__}: {e}") from None
 
 
+SKIMAGE_PREFIX = "skimage:"
+# Callables in skimage.data that are not sample images.
+_NOT_SAMPLES = frozenset({"download_all", "file_hash", "lbp_frontal_face_cascade_filename"})
+
+
+def skimage_sample(name: str):
+    """The loader of scikit-image's bundled sample photo ``name`` (``skimage.data.<name>``),
+    or None when there is no such sample."""
+    from skimage import data  # lazy: only callers that use samples pay for the import
+
+    if not name.isidentifier() or name.startswith("_") or name in _NOT_SAMPLES:
+        return None
+    loader = getattr(data, name, None)
+    return loader if callable(loader) else None
+
+
+def read_source(location: str | os.PathLike[str]) -> bytes | np.ndarray:
+    """The raw content behind an image location: the file's bytes (local path or fsspec URL),
+    or the pixel array of ``skimage:NAME``. Failures raise :class:`ImageLoadError`."""
+    path = os.fspath(location)
+    if path.startswith(SKIMAGE_PREFIX):
+        loader = skimage_sample(path[len(SKIMAGE_PREFIX) :])
+        if loader is None:
+            raise ImageLoadError(path, "no such scikit-image sample")
+        return loader()
+    return _read_bytes(path)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode to RGB with sensible values (see :func:`load_image`)."""
     mode = img.mode
@@ -123,7 +151,8 @@ def _gray_to_rgb(a: np.ndarray) -> Image.Image:
 def load_image(
     source: str | os.PathLike[str] | bytes, *, max_pixels: int | None = None
 ) -> Image.Image:
-    """Read ``source`` (local path, fsspec URL or raw bytes) as a fully loaded RGB image.
+    """Read ``source`` (local path, fsspec URL, ``skimage:NAME`` or raw bytes) as a fully loaded
+    RGB image.
 
     EXIF orientation is applied. Images over ``max_pixels`` (default :data:`MAX_PIXELS`) are
     refused from their header, before decoding. PIL's own decompression-bomb limit
@@ -136,7 +165,10 @@ def load_image(
         path, data = "<bytes>", bytes(source)
     else:
         path = os.fspath(source)
-        data = _read_bytes(path)
+        raw = read_source(path)
+        if isinstance(raw, np.ndarray):  # a bundled sample: already pixels
+            return _to_rgb(Image.fromarray(raw))
+        data = raw
     if not data:
         raise ImageLoadError(path, "empty file (0 bytes)")
 
@@ -219,7 +251,7 @@ def scale_box(
     return x0 * sx, y0 * sy, x1 * sx, y1 * sy
 
 
-def _pixel_box(box: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
+def pixel_box(box: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """Integer pixel-edge box covering every pixel ``box`` touches, clipped to ``size``."""
     x0, y0, x1, y1 = (float(v) for v in box)
     if x1 < x0 or y1 < y0:
@@ -236,17 +268,17 @@ def _pixel_box(box: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
 def box_mask(size: tuple[int, int], box: Box) -> Image.Image:
     """Mode "L" mask of ``size``: 255 on every pixel ``box`` touches, 0 elsewhere."""
     w, h = size
-    x0, y0, x1, y1 = _pixel_box(box, size)
+    x0, y0, x1, y1 = pixel_box(box, size)
     m = np.zeros((h, w), dtype=np.uint8)
     m[y0:y1, x0:x1] = 255
     return Image.fromarray(m, "L")
 
 
-def _input_box(
+def input_box(
     source_size: tuple[int, int], box_work: Box, work_size: tuple[int, int]
 ) -> tuple[int, int, int, int] | None:
     """The working box in input pixels, rounded outward and clipped; None if it covers nothing."""
-    x0, y0, x1, y1 = _pixel_box(scale_box(box_work, work_size, source_size), source_size)
+    x0, y0, x1, y1 = pixel_box(scale_box(box_work, work_size, source_size), source_size)
     if x1 <= x0 or y1 <= y0:
         return None
     return x0, y0, x1, y1
@@ -260,7 +292,7 @@ def paste_region(
     ``(0, 0, 0, 0)`` when the box covers no input pixel."""
     if feather < 0:
         raise ValueError(f"feather must be >= 0, got {feather}")
-    ib = _input_box(source_size, box_work, work_size)
+    ib = input_box(source_size, box_work, work_size)
     if ib is None:
         return 0, 0, 0, 0
     w, h = source_size
@@ -289,7 +321,7 @@ def paste_back(
         raise ValueError(f"edited image is {edited.size}, expected the working size {work_size}")
     out = np.array(src, dtype=np.uint8)  # a copy: everything outside the region stays as is
     rx0, ry0, rx1, ry1 = paste_region(size, box_work, work_size, feather)
-    ib = _input_box(size, box_work, work_size)
+    ib = input_box(size, box_work, work_size)
     if ib is None:
         return Image.fromarray(out, "RGB")
     bx0, by0, bx1, by1 = ib

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import fsspec
 
+from lregions_core.images import SKIMAGE_PREFIX, skimage_sample
+
 __all__ = ["ManifestError", "ManifestRow", "read_manifest", "safe_item_dir"]
 
 REQUIRED = ("image", "prompt")
@@ -35,8 +37,6 @@ _ID_RULE = (
 )
 _INT_RE = re.compile(r"[+-]?[0-9]+")
 _MAX_SEED = 2**63 - 1  # torch and numpy generators both accept 0 .. 2**63 - 1
-# Callables in skimage.data that are not sample images.
-_NOT_SAMPLES = frozenset({"download_all", "file_hash", "lbp_frontal_face_cascade_filename"})
 
 
 class ManifestError(ValueError):
@@ -103,12 +103,9 @@ def _resolve_image(raw: str, base: str) -> tuple[str, str | None]:
     """(resolved image, error or None). ``base`` is the manifest's folder (local or URL)."""
     if not raw:
         return raw, "empty image"
-    if raw.startswith("skimage:"):
-        name = raw.split(":", 1)[1]
-        from skimage import data  # lazy: only manifests that use samples pay for the import
-
-        ok = name.isidentifier() and not name.startswith("_") and name not in _NOT_SAMPLES
-        if ok and callable(getattr(data, name, None)):
+    if raw.startswith(SKIMAGE_PREFIX):
+        name = raw[len(SKIMAGE_PREFIX) :]
+        if skimage_sample(name) is not None:
             return raw, None
         return raw, f"unknown scikit-image sample {name!r} (e.g. skimage:chelsea)"
     if "://" in raw:

@@ -29,7 +29,8 @@ from PIL import Image
 
 from lregions_core.anchors import box_iou
 from lregions_core.config import Config
-from lregions_core.images import to_working
+from lregions_core.images import pixel_box, to_working
+from lregions_core.models.runtime import seeded
 from lregions_core.models.weights import WeightsUnavailableError
 
 METRICS = (  # in report order
@@ -39,7 +40,6 @@ METRICS = (  # in report order
 CLIP_METRICS = METRICS[:4]
 LPIPS_MIN_SIDE = 31  # AlexNet's pooling leaves no feature map below 31 px per side
 NEUTRAL_SOURCE_PROMPT = "a photo"  # same T_src as the CLIP scorer when no caption is given
-RANDOM_INIT_SEED = 0  # a random LPIPS backbone is the same in every process
 
 Box = Sequence[float]
 
@@ -122,13 +122,6 @@ def structure_distance(tokens_a: np.ndarray, tokens_b: np.ndarray) -> float:
     return float(((self_similarity(a) - self_similarity(b)) ** 2).mean())
 
 
-def pixel_box(box: Box, size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The integer rectangle of every pixel ``box`` touches (floor/ceil), clipped to ``size``."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    corners = (math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1))
-    return tuple(min(max(v, 0), size[i % 2]) for i, v in enumerate(corners))  # type: ignore
-
-
 # --- components, built once per process (failures too) ----------------------------------------
 def _short(exc: BaseException) -> str:
     """A one-line reason: the first sentence of a weights error, else type and first line."""
@@ -199,9 +192,8 @@ def _lpips(key: str) -> BuildResult:
         return None, f"weights for LPIPS' AlexNet are not available (offline; not in {cached})"
     quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
     try:
-        with warnings.catch_warnings(), quiet[0], quiet[1], torch.random.fork_rng(devices=[]):
+        with warnings.catch_warnings(), quiet[0], quiet[1], seeded():
             warnings.simplefilter("ignore")  # torchvision's `pretrained=` deprecation notes
-            torch.manual_seed(RANDOM_INIT_SEED)
             kwargs = {"pnet_rand": random_backbone, "spatial": True, "verbose": False}
             model = lpips.LPIPS(net="alex", pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError

@@ -14,8 +14,8 @@ from PIL import Image
 
 from lregions_core.anchors import cell_centres, find_anchors, make_proposals, random_anchors
 from lregions_core.config import Config
-from lregions_core.images import paste_back, paste_region, scale_box, to_working
-from lregions_core.interfaces import Editor, FeatureExtractor, Features, Scorer
+from lregions_core.images import input_box, paste_back, paste_region, to_working
+from lregions_core.interfaces import CandidateScores, Editor, FeatureExtractor, Features, Scorer
 from lregions_core.learner import Candidate, CandidateBank, RegionOutcome, choose_regions
 from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS
 from lregions_core.selection import select_best
@@ -121,6 +121,41 @@ def propose(config: Config, features: Features, size: tuple[int, int], seed: int
     return Proposals(cells=cells, centres=centres, boxes=boxes)
 
 
+def find_regions(
+    config: Config,
+    models: Models,
+    work: Image.Image,
+    features: Features,
+    prompt: str,
+    source_prompt: str | None,
+    seed: int,
+) -> tuple[Proposals, RegionOutcome, CandidateBank]:
+    """Anchors, proposals and one edited box per anchor (by ``config.mode``) for a working
+    image; the bank holds every edit made and its cost."""
+    proposals = propose(config, features, work.size, seed)
+    bank = CandidateBank(
+        editor=models.editor,
+        scorer=models.scorer,
+        context=models.scorer.prepare(work, prompt, source_prompt),
+        image=work,
+        prompt=prompt,
+        seed=seed,
+        loss_weights=(config.w_clip, config.w_dir, config.w_str),
+    )
+    outcome = choose_regions(config, features, proposals.boxes, work.size, bank, seed)
+    return proposals, outcome, bank
+
+
+def select(config: Config, scores: list[CandidateScores]) -> tuple[int, np.ndarray]:
+    """The final candidate by the configured quality score (see :func:`select_best`)."""
+    return select_best(
+        scores,
+        text_weight=config.select_text_weight,
+        image_weight=config.select_image_weight,
+        top_k=config.select_top_k,
+    )
+
+
 def edit_image(
     image: Image.Image,
     prompt: str,
@@ -153,41 +188,20 @@ def edit_image(
     work = to_working(source, config.work_size, config.work_multiple)
     features = extract_features(work, models)
     lap("features")
-    proposals = propose(config, features, work.size, seed)
-    context = models.scorer.prepare(work, prompt, source_prompt)
-    bank = CandidateBank(
-        editor=models.editor,
-        scorer=models.scorer,
-        context=context,
-        image=work,
-        prompt=prompt,
-        seed=seed,
-        loss_weights=(config.w_clip, config.w_dir, config.w_str),
+    proposals, outcome, bank = find_regions(
+        config, models, work, features, prompt, source_prompt, seed
     )
-    outcome = choose_regions(config, features, proposals.boxes, work.size, bank, seed)
     lap("regions")
-    best, selection = select_best(
-        [c.scores for c in outcome.candidates],
-        text_weight=config.select_text_weight,
-        image_weight=config.select_image_weight,
-        top_k=config.select_top_k,
-    )
+    best, selection = select(config, [c.scores for c in outcome.candidates])
     chosen = outcome.candidates[best]
     final = paste_back(source, chosen.image, chosen.box, work.size, config.feather)
     lap("compose")
     to_input = np.array(
         [source.width / work.width, source.height / work.height] * 2, dtype=np.float64
     )
-    box_in = scale_box(chosen.box, work.size, source.size)
-    box_int = (
-        int(np.floor(box_in[0])),
-        int(np.floor(box_in[1])),
-        int(np.ceil(box_in[2])),
-        int(np.ceil(box_in[3])),
-    )
     return EditResult(
         image=final,
-        box=box_int,
+        box=input_box(source.size, chosen.box, work.size) or (0, 0, 0, 0),
         changed_region=paste_region(source.size, chosen.box, work.size, config.feather),
         chosen=best,
         candidates=outcome.candidates,

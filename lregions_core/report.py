@@ -19,12 +19,10 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-METRICS = (
-    "clip_text_image", "clip_text_image_region", "clip_image_image", "clip_directional",
-    "bg_mse", "bg_psnr", "bg_ssim", "bg_lpips", "structure_distance", "box_iou",
-)
+from lregions_core.metrics import METRICS
+
 SCORES = ("text_sim", "image_sim", "loss", "selection_score")
-AXES = ("num_anchors", "num_proposals", "mode", "losses")
+AXES = ("num_anchors", "num_proposals", "mode", "losses")  # an ablation grid's axes
 MODE_ORDER = ("rgn", "exhaustive", "dino-random", "random")
 RANDOM_BANNER = "metrics computed with RANDOM weights (tiny preset): numbers are meaningless"
 MAX_STRIPS = 500  # items drawn with their images; the per-item table always lists every row

@@ -17,19 +17,19 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lregions_core import pipeline
 from lregions_core.config import Config
 from lregions_core.images import (
     ImageLoadError,
+    input_box,
     load_image,
     paste_back,
     paste_region,
-    scale_box,
+    read_source,
     to_working,
 )
 from lregions_core.interfaces import CandidateScores, Features
-from lregions_core.learner import CandidateBank, choose_regions
 from lregions_core.manifest import ManifestRow
-from lregions_core.selection import select_best
 from lregions_core.store import Store
 
 FEATURE_SETTINGS = (
@@ -91,25 +91,9 @@ def plan(row: ManifestRow, image_hash: str, config: Config) -> dict:
 
 
 # -- ingest -------------------------------------------------------------------------------------
-def _read_source(location: str) -> bytes | np.ndarray:
-    if location.startswith("skimage:"):
-        from skimage import data
-
-        return getattr(data, location.split(":", 1)[1])()
-    import fsspec
-
-    try:
-        with fsspec.open(location, "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise ImageLoadError(location, "file not found") from None
-    except (OSError, ValueError) as exc:
-        raise ImageLoadError(location, f"{type(exc).__name__}: {exc}") from None
-
-
 def ingest(row: ManifestRow, store: Store) -> dict:
     """Hash the image's bytes and store it once, normalised to RGB PNG, by that hash."""
-    raw = _read_source(row.image)
+    raw = read_source(row.image)
     blob = raw.tobytes() + str(raw.shape).encode() if isinstance(raw, np.ndarray) else raw
     image_hash = hashlib.sha256(blob).hexdigest()[:20]
     rel = f"cache/images/{image_hash}.png"
@@ -165,8 +149,6 @@ def regions(
     row: ManifestRow, state: dict, config: Config, store: Store, models: Callable
 ) -> dict:
     """Anchors, proposals and region choice; every candidate's pixels and scores are stored."""
-    from lregions_core.pipeline import propose
-
     seed = row_seed(row, config)
     key = state["regions_key"]
     folder = f"cache/regions/{state['image_hash']}-{key}"
@@ -175,13 +157,9 @@ def regions(
     loaded = models()
     work = to_working(store.read_png(state["image_path"]), config.work_size, config.work_multiple)
     feats = load_features(store, state["features_path"])
-    proposals = propose(config, feats, work.size, seed)
-    context = loaded.scorer.prepare(work, row.prompt, row.source)
-    bank = CandidateBank(
-        editor=loaded.editor, scorer=loaded.scorer, context=context, image=work,
-        prompt=row.prompt, seed=seed, loss_weights=(config.w_clip, config.w_dir, config.w_str),
+    proposals, outcome, bank = pipeline.find_regions(
+        config, loaded, work, feats, row.prompt, row.source, seed
     )
-    outcome = choose_regions(config, feats, proposals.boxes, work.size, bank, seed)
     records = []
     for i, cand in enumerate(outcome.candidates):
         store.write_png(f"{folder}/cand_{i:02d}.png", cand.image)
@@ -207,10 +185,7 @@ def regions(
 def select(state: dict, config: Config, store: Store) -> dict:
     found = store.read_json(f"{state['regions_path']}/candidates.json")
     scores = [CandidateScores(**c["scores"]) for c in found["candidates"]]
-    best, selection = select_best(
-        scores, text_weight=config.select_text_weight,
-        image_weight=config.select_image_weight, top_k=config.select_top_k,
-    )
+    best, selection = pipeline.select(config, scores)
     return {"chosen": best, "selection": [float(s) if np.isfinite(s) else None for s in selection]}
 
 
@@ -252,8 +227,7 @@ def outputs(
         store.write_bytes(f"{item}/candidates/{i:02d}.png",
                           store.read_bytes(f"{state['regions_path']}/cand_{i:02d}.png"))
     store.write_png(f"{item}/final.png", final)
-    bx = scale_box(box_work, work_size, source.size)
-    box = [int(np.floor(bx[0])), int(np.floor(bx[1])), int(np.ceil(bx[2])), int(np.ceil(bx[3]))]
+    box = list(input_box(source.size, box_work, work_size) or (0, 0, 0, 0))
     result = {
         "id": row.id,
         "item_key": state["item_key"],

@@ -71,7 +71,7 @@ def _each(states: list[dict], stage: str, work: Callable[[ManifestRow, dict], di
         if state["status"] != "pending":
             continue
         try:
-            with_time = {}
+            with_time = {}  # recorded only when the stage succeeds
             update = stages.timed(with_time, stage, work, _row(state), state)
             state["seconds"].update(with_time)
             if update:
