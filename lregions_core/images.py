@@ -24,6 +24,8 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lregions_core.loading import heavy_import
+
 __all__ = [
     "MAX_PIXELS",
     "ImageLoadError",
@@ -81,7 +83,7 @@ _NOT_SAMPLES = frozenset({"download_all", "file_hash", "lbp_frontal_face_cascade
 def skimage_sample(name: str):
     """The loader of scikit-image's bundled sample photo ``name`` (``skimage.data.<name>``),
     or None when there is no such sample."""
-    from skimage import data  # lazy: only callers that use samples pay for the import
+    data = heavy_import("skimage.data")  # lazy: only callers that use samples pay for it
 
     if not name.isidentifier() or name.startswith("_") or name in _NOT_SAMPLES:
         return None

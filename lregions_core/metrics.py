@@ -14,7 +14,6 @@ weights (those are used only when ``config.random_weights`` says so, and reporte
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import math
@@ -30,6 +29,7 @@ from PIL import Image
 from lregions_core.anchors import box_iou
 from lregions_core.config import Config
 from lregions_core.images import pixel_box, to_working
+from lregions_core.loading import heavy_import, load_once
 from lregions_core.models.runtime import seeded
 from lregions_core.models.weights import WeightsUnavailableError
 
@@ -82,7 +82,7 @@ def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     border crop), since a masked mean has no reason to drop the counted pixels near the border.
     The window makes SSIM leak: pixels within its radius of an edit see it.
     """
-    from skimage.metrics import structural_similarity
+    structural_similarity = heavy_import("skimage.metrics").structural_similarity
 
     a, b, mask = _check(a, b, mask)
     side = min(a.shape[:2])
@@ -142,7 +142,7 @@ DINO_FIELDS = ("features", "feature_model", "feature_size", "feature_kwargs", "w
 BuildResult = tuple[Any, str | None]  # (component, None) or (None, reason)
 
 
-@functools.lru_cache(maxsize=8)
+@load_once(maxsize=8)
 def _model(kind: str, key: str) -> BuildResult:
     """The CLIP scorer (``kind`` "clip") or DINO extractor ("dino") for the settings in ``key``,
     or why there is none. Cached either way, so a failure is not retried for every image."""
@@ -155,8 +155,8 @@ def _model(kind: str, key: str) -> BuildResult:
     if kind == "dino" and config.features != "dino":
         return None, "no DINO model in this preset"
     # Importing the model modules registers "clip" and "dino".
-    import lregions_core.models.clip
-    import lregions_core.models.dino  # noqa: F401
+    heavy_import("lregions_core.models.clip")
+    heavy_import("lregions_core.models.dino")
     from lregions_core.registry import FEATURE_EXTRACTORS, SCORERS
 
     try:
@@ -173,7 +173,7 @@ def _offline() -> bool:
     return bool(hf_constants.HF_HUB_OFFLINE) or env
 
 
-@functools.lru_cache(maxsize=4)
+@load_once()
 def _lpips(key: str) -> BuildResult:
     """LPIPS (AlexNet, spatial map) or why there is none. Pretrained: torchvision's ImageNet
     AlexNet (downloaded into the torch hub cache) plus the package's linear layers. Random
@@ -181,8 +181,8 @@ def _lpips(key: str) -> BuildResult:
     settings = json.loads(key)
     random_backbone = bool(settings["random_weights"])  # pretrained=True: the linear layers
     try:
-        import lpips
-        from torchvision.models import AlexNet_Weights
+        lpips = heavy_import("lpips")
+        AlexNet_Weights = heavy_import("torchvision.models").AlexNet_Weights
     except ImportError as exc:
         return None, f"lpips is not installed ({exc})"
     url = AlexNet_Weights.IMAGENET1K_V1.url
@@ -203,6 +203,16 @@ def _lpips(key: str) -> BuildResult:
 
 
 # --- the evaluator ----------------------------------------------------------------------------
+def shared_evaluator(config: Config) -> Evaluator:
+    """One :class:`Evaluator` per process and settings (its models load once, thread-safely)."""
+    return _shared_evaluator(json.dumps(config.to_dict(), sort_keys=True))
+
+
+@load_once(maxsize=8)
+def _shared_evaluator(config_json: str) -> Evaluator:
+    return Evaluator(Config(**json.loads(config_json)))
+
+
 class Evaluator:
     """All metrics of one edit, from the models ``config`` names (see the module docstring)."""
 

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from lregions_core.config import Config
 from lregions_core.interfaces import CandidateScores, EditRequest, Features
+from lregions_core.loading import heavy_import
 from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -135,7 +136,7 @@ class SaliencyFeatures:
     patch_size = PATCH
 
     def __call__(self, image: Image.Image) -> Features:
-        from skimage.filters import gaussian
+        gaussian = heavy_import("skimage.filters").gaussian
 
         rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
         gh, gw = max(1, rgb.shape[0] // PATCH), max(1, rgb.shape[1] // PATCH)

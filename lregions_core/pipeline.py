@@ -5,6 +5,7 @@ paste-back. Each stage is a public function so a batch pipeline can cache stages
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ from lregions_core.config import Config
 from lregions_core.images import input_box, paste_back, paste_region, to_working
 from lregions_core.interfaces import CandidateScores, Editor, FeatureExtractor, Features, Scorer
 from lregions_core.learner import Candidate, CandidateBank, RegionOutcome, choose_regions
+from lregions_core.loading import heavy_import, load_once
+from lregions_core.models.weights import WeightsUnavailableError
 from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS
 from lregions_core.selection import select_best
 
@@ -24,10 +27,9 @@ from lregions_core.selection import select_best
 def register_components() -> None:
     """Import every adapter module so its components are in the registries (cheap: adapters
     import their heavy libraries only when a model is built)."""
-    import lregions_core.models.clip
-    import lregions_core.models.dino
-    import lregions_core.models.editors
-    import lregions_core.oracle  # noqa: F401
+    for module in ("clip", "dino", "editors"):
+        heavy_import(f"lregions_core.models.{module}")
+    heavy_import("lregions_core.oracle")
 
 
 @dataclass
@@ -47,6 +49,25 @@ class Models:
             scorer=SCORERS.build(config.scorer, config),
             editor=EDITORS.build(config.editor, config),
         )
+
+
+def shared_models(config: Config) -> Models:
+    """The models ``config`` names, loaded once per process and settings, safely from any
+    thread (others wait for the one load). Missing weights are remembered too: otherwise every
+    row of a large batch would retry the hub (tens of seconds each offline) to fail the same
+    way."""
+    loaded = _shared_models(json.dumps(config.to_dict(), sort_keys=True))
+    if isinstance(loaded, WeightsUnavailableError):
+        raise loaded
+    return loaded
+
+
+@load_once(maxsize=8)
+def _shared_models(config_json: str) -> Models | WeightsUnavailableError:
+    try:
+        return Models.load(Config(**json.loads(config_json)))
+    except WeightsUnavailableError as exc:
+        return exc
 
 
 @dataclass

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lregions_core.loading import heavy_import
+
 
 def standardise(patches: np.ndarray) -> torch.Tensor:
     """Per-channel zero mean, unit variance over the grid, so the tiny network sees the same
@@ -27,7 +29,7 @@ def pool_proposals(
 ) -> torch.Tensor:
     """RoIAlign of standardised ``patches`` (C, gh, gw) under ``boxes`` (N, K, 4) given in pixels
     of the working image of ``size = (W, H)``. Returns (N, K, C, roi_size, roi_size)."""
-    from torchvision.ops import roi_align
+    roi_align = heavy_import("torchvision.ops").roi_align
 
     feats = standardise(patches)
     _, gh, gw = feats.shape

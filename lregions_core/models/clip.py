@@ -19,7 +19,6 @@ build a small random ViT with the real CLIP tokenizer, without registering a new
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from PIL import Image
 
 from lregions_core.config import Config
 from lregions_core.interfaces import CandidateScores
+from lregions_core.loading import heavy_import, load_once
 from lregions_core.models.runtime import resolve_device, resolve_dtype, seeded
 from lregions_core.models.weights import WeightsUnavailableError, local_path
 from lregions_core.registry import SCORERS
@@ -100,11 +100,10 @@ def _quiet_random_init(asked_for_random: bool):
         root.removeFilter(silence)
 
 
-@functools.lru_cache(maxsize=4)
+@load_once()
 def load_clip(key: str) -> ClipBundle:
     """Build (or load) the open_clip model described by ``key`` (see :func:`_settings_key`)."""
-    import open_clip
-
+    open_clip = heavy_import("open_clip")
     settings: dict[str, Any] = json.loads(key)
     name: str = settings["model"]
     pretrained: str | None = settings["pretrained"]
@@ -196,16 +195,15 @@ class ClipScorer:
 
     def full_view(self, pixels: torch.Tensor) -> torch.Tensor:
         """The whole image squashed to the model's square input, still in [0, 1]."""
-        from torchvision.transforms.v2 import InterpolationMode
-        from torchvision.transforms.v2 import functional as F
+        v2 = heavy_import("torchvision.transforms.v2")
+        F = heavy_import("torchvision.transforms.v2.functional")
 
         size = [self.image_size, self.image_size]
-        out = F.resize(pixels, size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        out = F.resize(pixels, size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
         return out.clamp_(0.0, 1.0)  # bicubic overshoots
 
     def _build_augment(self) -> Any:
-        from torchvision.transforms import v2
-
+        v2 = heavy_import("torchvision.transforms.v2")
         return v2.Compose(
             [
                 v2.RandomResizedCrop(self.image_size, scale=(0.6, 1.0), antialias=True),

@@ -7,7 +7,6 @@ built from equal settings shares it.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 
 from lregions_core.config import Config
 from lregions_core.interfaces import Features
+from lregions_core.loading import heavy_import, load_once
 from lregions_core.models.runtime import resolve_device, resolve_dtype, seeded
 from lregions_core.models.weights import WeightsUnavailableError, local_path
 from lregions_core.registry import FEATURE_EXTRACTORS
@@ -52,11 +52,10 @@ def _settings_key(config: Config) -> str:
     )
 
 
-@functools.lru_cache(maxsize=4)
+@load_once()
 def load_dino(key: str) -> torch.nn.Module:
     """Build (or load) the timm model described by ``key`` (see :func:`_settings_key`), once."""
-    import timm
-
+    timm = heavy_import("timm")
     settings: dict[str, Any] = json.loads(key)
     name: str = settings["model"]
     kwargs: dict[str, Any] = dict(num_classes=0, dynamic_img_size=True, **settings["kwargs"])

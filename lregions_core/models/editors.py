@@ -24,12 +24,11 @@ from PIL import Image
 
 from lregions_core.config import Config
 from lregions_core.interfaces import EditRequest
+from lregions_core.loading import load_once
 from lregions_core.models.runtime import resolve_device, resolve_dtype
 from lregions_core.models.weights import WeightsUnavailableError, local_path
 from lregions_core.registry import EDITORS
 
-_PIPELINES: dict[str, Any] = {}
-_LOAD_LOCK = threading.Lock()
 # diffusers pipelines keep per-call state on the scheduler: one call at a time per pipeline.
 _RUN_LOCKS: dict[int, threading.Lock] = {}
 
@@ -50,7 +49,7 @@ def _cache_key(config: Config) -> str:
     )
     data = {name: getattr(config, name) for name in fields}
     data["device"] = str(resolve_device(config))  # "auto" and "cpu" may be the same pipeline
-    data["dtype"] = str(resolve_dtype(config))
+    data["dtype"] = str(resolve_dtype(config)).removeprefix("torch.")
     return json.dumps(data, sort_keys=True, default=str)
 
 
@@ -107,26 +106,25 @@ _BUILDERS: dict[str, Callable[[Config], Any]] = {
 
 def editor_pipeline(config: Config) -> Any:
     """The diffusers pipeline for ``config.editor``, loaded once per process and settings."""
-    key = _cache_key(config)
-    with _LOAD_LOCK:
-        pipe = _PIPELINES.get(key)
-        if pipe is None:
-            pipe = _BUILDERS[config.editor](config)
-            dtype = resolve_dtype(config)
-            if config.random_weights and dtype != torch.float32:  # built in float32
-                pipe.to(dtype=dtype)
-            pipe.to(resolve_device(config))
-            pipe.set_progress_bar_config(disable=True)
-            _PIPELINES[key] = pipe
-            _RUN_LOCKS[id(pipe)] = threading.Lock()
+    return _load_pipeline(_cache_key(config))
+
+
+@load_once()
+def _load_pipeline(key: str) -> Any:
+    config = Config().replace(**json.loads(key))  # the settings that decide the pipeline
+    pipe = _BUILDERS[config.editor](config)
+    dtype = resolve_dtype(config)
+    if config.random_weights and dtype != torch.float32:  # built in float32
+        pipe.to(dtype=dtype)
+    pipe.to(resolve_device(config))
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def clear_pipeline_cache() -> None:
     """Forget every loaded pipeline (frees memory once no editor holds them)."""
-    with _LOAD_LOCK:
-        _PIPELINES.clear()
-        _RUN_LOCKS.clear()
+    _load_pipeline.cache_clear()
+    _RUN_LOCKS.clear()
 
 
 # ----------------------------------------------------------------------------------------------

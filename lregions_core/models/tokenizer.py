@@ -7,7 +7,6 @@ from ``open_clip/bpe_simple_vocab_16e6.txt.gz``; the pair matches OpenAI's files
 
 from __future__ import annotations
 
-import functools
 import gzip
 import importlib.util
 import json
@@ -15,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from lregions_core.loading import heavy_import, load_once
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import CLIPTokenizer
@@ -90,10 +91,10 @@ def _write_files(folder: Path) -> Path:
     return folder
 
 
-@functools.cache
+@load_once()
 def clip_tokenizer_offline(max_length: int = 77) -> CLIPTokenizer:
     """OpenAI CLIP's tokenizer (49408 tokens, pad = ``<|endoftext|>``) without any download."""
-    from transformers import CLIPTokenizer
+    CLIPTokenizer = heavy_import("transformers").CLIPTokenizer
 
     # transformers 5 ignores the old vocab_file=/merges_file= arguments; load from a folder.
     return CLIPTokenizer.from_pretrained(
