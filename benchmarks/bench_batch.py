@@ -25,7 +25,7 @@ PROMPTS = ["a red hat", "a bunch of flowers", "a small dog", "a green tree", "a 
 
 def run(manifest: Path, out: Path, preset: str) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lregions_core.cli", "edit", str(manifest), "--out",
+    subprocess.run([sys.executable, "-m", "flows.cli", "edit", str(manifest), "--out",
                     str(out), "--preset", preset], check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 

@@ -23,9 +23,12 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.batch_edit import METRICS, publish_report, run_stages, write_index
+from flows.batch_edit import publish_report
+from flows.chunks import run_chunks
+from lregions_core import index
 from lregions_core.config import ConfigError, make_config
 from lregions_core.manifest import read_manifest
+from lregions_core.metrics import METRICS
 from lregions_core.report import AXES
 from lregions_core.store import Store
 
@@ -98,9 +101,11 @@ def ablate(
         config = make_config(preset or grid.get("preset", "default"),
                              {**grid.get("set", {}), **cell_overrides(cell)}, sets or [])
         name = cell_id(cell)
-        states = run_stages(rows, config, out, items=f"cells/{name}/items",
-                            chunk_size=chunk_size)
-        frame = write_index(store, f"cells/{name}/index.parquet", states, config)
+        folder, run_id = f"cells/{name}", index.new_run_id()
+        run_chunks(rows, config, out, run_id=run_id, folder=folder, items=f"{folder}/items",
+                   chunk_size=chunk_size)
+        index.merge(store, folder, run_id)
+        frame = index.read_index(store, folder)
         ok = frame[frame["status"] == "ok"]
         means = {m: float(ok[m].mean()) if ok[m].notna().any() else None
                  for m in ["text_sim", "image_sim", "loss", "editor_requests", *METRICS]}
@@ -117,7 +122,7 @@ def ablate(
                "failed": int(sum(c["failed"] for c in table)),
                "reused": int(sum(c["reused"] for c in table)),
                "seconds": round(time.perf_counter() - started, 2),
-               "table": f"{out.rstrip('/')}/ablation.parquet"}
+               "table": store.url_of("ablation.parquet")}
     if report:
         summary["report"] = publish_report(out, summary)
     return summary

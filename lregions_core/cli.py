@@ -1,8 +1,11 @@
-"""``lregions``: command line of the library.
+"""The library's command line (``python -m lregions_core.cli``): the commands that need no
+Prefect and no server. The ``lregions`` command (:mod:`flows.cli`) adds the batch commands to
+these.
 
-``lregions edit-image IMAGE PROMPT --out DIR``  one edit, with every candidate and a result.json
-``lregions presets``                            the presets and what they set
-``lregions download --preset NAME``             fetch every weight a preset needs (for offline nodes)
+``edit-image IMAGE PROMPT --out DIR``  one edit, with every candidate and a result.json
+``presets``                            the presets and what they set
+``download --preset NAME``             fetch every weight a preset needs (for offline nodes)
+``report DIR``                         (re)write a batch or ablation folder's report.html
 
 Exit status: 0 success, 1 the work failed (unreadable image, missing weights), 2 usage error.
 """
@@ -11,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
+from typing import Any
 
 from lregions_core.config import ConfigError, load_preset, make_config, preset_names
 
@@ -50,73 +52,13 @@ def _cmd_edit_image(args: argparse.Namespace) -> int:
     return 0
 
 
-def prefect_defaults() -> None:
-    """Settings that make Prefect's temporary local server start reliably on a fresh, offline
-    machine (see shared/docs/ENVIRONMENT.md); a user's own settings win."""
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
-
-def _cmd_edit(args: argparse.Namespace) -> int:
-    """The batch pipeline (a Prefect flow; the application around this library)."""
-    from lregions_core.manifest import read_manifest
-
-    make_config(args.preset, {"mode": args.mode} if args.mode else None, args.set)  # usage check
-    total = len(read_manifest(args.manifest))  # usage errors before any work
-    prefect_defaults()
-    from rich.progress import Progress
-
-    from flows.batch_edit import batch_edit
-    from tasks.stages import PROGRESS
-
-    with Progress(transient=False) as bar:
-        job = bar.add_task("editing", total=total)
-        PROGRESS.append(lambda state: bar.advance(job))
-        try:
-            summary = batch_edit(manifest=args.manifest, out=args.out, preset=args.preset,
-                                 mode=args.mode, sets=list(args.set), chunk_size=args.chunk_size)
-        finally:
-            PROGRESS.clear()
-    print(
-        f"{summary['ok']} ok, {summary['failed']} failed, {summary['reused']} reused from cache, "
-        f"{summary['seconds']:.1f} s -> {summary['index']}"
-    )
-    if summary.get("report"):
-        print(f"report: {summary['report']}")
-    return 0 if summary["failed"] == 0 else 1
-
-
-def _cmd_ablate(args: argparse.Namespace) -> int:
-    """An ablation grid (a Prefect flow); the grid file format is in flows/ablate.py."""
-    from lregions_core.manifest import read_manifest
-
-    read_manifest(args.manifest)  # usage errors before any work
-    prefect_defaults()
-    from flows.ablate import ablate, cell_overrides, cells, load_grid
-
-    grid = load_grid(args.grid)
-    for cell in cells(grid):  # every cell's settings must be valid before any work
-        make_config(args.preset or grid.get("preset", "default"),
-                    {**grid.get("set", {}), **cell_overrides(cell)}, args.set)
-    summary = ablate(manifest=args.manifest, out=args.out, grid=grid, preset=args.preset,
-                     sets=list(args.set), chunk_size=args.chunk_size)
-    print(f"{summary['cells']} cells, {summary['ok']} ok, {summary['failed']} failed, "
-          f"{summary['seconds']:.1f} s -> {summary['table']}")
-    if summary.get("report"):
-        print(f"report: {summary['report']}")
-    return 0 if summary["failed"] == 0 else 1
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
     from lregions_core.report import write_report
 
-    if not (Path(args.dir) / "index.parquet").exists() and not (
-        Path(args.dir) / "ablation.parquet"
-    ).exists():
-        raise ConfigError(f"{args.dir} has no index.parquet or ablation.parquet")
-    print(write_report(args.dir))
+    try:
+        print(write_report(args.dir))
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None
     return 0
 
 
@@ -139,45 +81,46 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def config_args(p: argparse.ArgumentParser) -> None:
+    """``--preset`` and ``--set KEY=VALUE`` (shared by every command that builds a config)."""
+    p.add_argument("--preset", default="default", help=f"one of: {', '.join(preset_names())}")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting (JSON values), repeatable",
+    )
+
+
+MODE_CHOICES = ["rgn", "exhaustive", "random", "dino-random"]
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser(prog: str = "lregions") -> tuple[argparse.ArgumentParser, Any]:
+    """The parser of the library's commands, and its subcommand group (the application adds
+    its commands to it)."""
     parser = argparse.ArgumentParser(
-        prog="lregions", description="Text-driven local image editing via learnable regions."
+        prog=prog, description="Text-driven local image editing via learnable regions."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def config_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--preset", default="default", help=f"one of: {', '.join(preset_names())}")
-        p.add_argument(
-            "--set", action="append", default=[], metavar="KEY=VALUE",
-            help="override one setting (JSON values), repeatable",
-        )
 
     p = sub.add_parser("edit-image", help="edit one image")
     p.add_argument("image", help="path, fsspec URL, or skimage:NAME (e.g. skimage:chelsea)")
     p.add_argument("prompt", help='what the edited region should show, e.g. "a red hat"')
     p.add_argument("--source", help="caption of what is edited (for the directional loss)")
     p.add_argument("--out", required=True, help="output folder (local path or fsspec URL)")
-    p.add_argument("--mode", choices=["rgn", "exhaustive", "random", "dino-random"])
+    p.add_argument("--mode", choices=MODE_CHOICES)
     p.add_argument("--seed", type=int)
     config_args(p)
     p.set_defaults(run=_cmd_edit_image)
-
-    p = sub.add_parser("edit", help="edit every row of a CSV manifest (Prefect batch flow)")
-    p.add_argument("manifest", help="CSV with columns image, prompt [, source, id, seed, target_box]")
-    p.add_argument("--out", required=True, help="output folder (local path or fsspec URL)")
-    p.add_argument("--mode", choices=["rgn", "exhaustive", "random", "dino-random"])
-    p.add_argument("--chunk-size", type=int, default=8, help="rows per task run")
-    config_args(p)
-    p.set_defaults(run=_cmd_edit)
-
-    p = sub.add_parser("ablate", help="run an ablation grid over a manifest (Prefect flow)")
-    p.add_argument("manifest")
-    p.add_argument("--out", required=True)
-    p.add_argument("--grid", required=True, help="YAML grid file (see flows/ablate.py)")
-    p.add_argument("--preset", default=None, help="base preset (default: the grid's, else default)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--chunk-size", type=int, default=8)
-    p.set_defaults(run=_cmd_ablate)
 
     p = sub.add_parser("report", help="write DIR/report.html for a batch or ablation folder")
     p.add_argument("dir")
@@ -189,15 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="download every weight a preset needs")
     config_args(p)
     p.set_defaults(run=_cmd_download)
-    return parser
+    return parser, sub
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; errors become messages and exit statuses."""
     from lregions_core.images import ImageLoadError
     from lregions_core.manifest import ManifestError
     from lregions_core.models.weights import WeightsUnavailableError
 
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return args.run(args)
     except (ConfigError, ManifestError) as exc:
@@ -206,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ImageLoadError, WeightsUnavailableError, ValueError) as exc:
         print(f"lregions: {exc}", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(build_parser("python -m lregions_core.cli")[0], argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,8 +1,9 @@
 """One flat, frozen configuration; presets are JSON overrides of its defaults.
 
-The defaults *are* the reference setup of the paper's public implementation (see
-``shared/docs/ALGORITHM.md``), except where that implementation is wrong (anchors are spread
-apart by default; the working image keeps the input's aspect ratio).
+The defaults *are* the reference setup of the paper's public implementation (DINO ViT-B/8 at
+256 px, 9 anchors x 6 square proposals, CLIP ViT-B/16 losses, Stable Diffusion 2 inpainting at
+50 steps, 10 learning iterations), except where that implementation is wrong: anchors are spread
+apart by default, and the working image keeps the input's aspect ratio.
 
 Presets live in ``lregions_core/presets/<name>.json`` as ``{"description": ..., "set": {...}}``:
 data, defined once, read by the library, the command line and the pipeline alike.
@@ -20,6 +21,7 @@ from typing import Any
 MODES = ("rgn", "exhaustive", "random", "dino-random")
 ANCHOR_RULES = ("nms", "reference")
 ESTIMATORS = ("memo-expectation", "reinforce")
+KEEP_CANDIDATES = ("all", "chosen", "none")
 
 
 class ConfigError(ValueError):
@@ -86,6 +88,9 @@ class Config:
     select_image_weight: float = 1.0
     select_top_k: int = 3
     feather: int = 8  # px of the input image: soft edge outside the box; beyond it, input pixels
+    # Candidate edits kept once an item is done: "all" (the report shows every candidate),
+    # "chosen" (only the one the final image came from) or "none" (final image only).
+    keep_candidates: str = "all"
     seed: int = 0
 
     # ------------------------------------------------------------------------------------------
@@ -100,6 +105,10 @@ class Config:
             (
                 self.anchor_rule in ANCHOR_RULES,
                 f"anchor_rule must be one of {ANCHOR_RULES}, got {self.anchor_rule!r}",
+            ),
+            (
+                self.keep_candidates in KEEP_CANDIDATES,
+                f"keep_candidates must be one of {KEEP_CANDIDATES}, got {self.keep_candidates!r}",
             ),
             (
                 self.estimator in ESTIMATORS,

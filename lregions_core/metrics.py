@@ -1,7 +1,10 @@
 """Evaluation metrics: CLIP similarities, background preservation, structure distance, box IoU.
 
-The conventions are those of ``shared/docs/ALGORITHM.md`` ("Evaluation conventions"). The pure
-functions take numpy images (H, W, 3), uint8 or float in [0, 255], and compute on [0, 1] floats;
+The conventions are the field's (PIE-Bench style): CLIP text-image similarity over the whole
+image and inside the edited region, CLIP image-image and directional similarity, background
+preservation (MSE, PSNR, SSIM, LPIPS) outside the edited region, structure distance as the MSE
+between DINO ViT self-similarity matrices of source and result, and the chosen box's IoU with a
+ground-truth box. The pure functions take numpy images (H, W, 3), uint8 or float in [0, 255], and compute on [0, 1] floats;
 a ``mask`` is (H, W) bool, True on the pixels that COUNT (the unedited background). Every masked
 statistic is a true masked mean over the counted pixels, never a statistic of a zero-filled image
 (zero-filling drags the value towards "identical" by the share of masked-out pixels).

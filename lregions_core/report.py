@@ -1,25 +1,32 @@
 """The evaluation report: one self-contained ``DIR/report.html`` (plots in ``DIR/report_files/``)
 for a batch folder (``index.parquet`` + ``items/``) or an ablation folder (``ablation.parquet`` +
-``cells/<cell>/``). The page opens straight from disk: every link and image is a relative path
-inside the folder, the CSS is inline, and nothing is fetched from elsewhere. All text that came
-from a manifest or an error message is HTML-escaped.
+``cells/<cell>/``), local or on any fsspec store (``s3://...``). The page opens straight from
+disk, or from a copy of the folder: every link and image is a relative path to a file of the
+output folder, the CSS is inline, and nothing is fetched from elsewhere. All text that came from
+a manifest or an error message is HTML-escaped.
+
+A batch still running, or killed, has no ``index.parquet`` yet: the report is then made from its
+index parts (see :mod:`lregions_core.index`) and shows every row finished so far.
 """
 
 from __future__ import annotations
 
 import html
+import io
 import json
 import math
 import numbers
-import os
-from pathlib import Path
+import posixpath
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
 
+from lregions_core.index import INDEX, read_index
 from lregions_core.metrics import METRICS
+from lregions_core.stages import resolve_ref
+from lregions_core.store import Store
 
 SCORES = ("text_sim", "image_sim", "loss", "selection_score")
 AXES = ("num_anchors", "num_proposals", "mode", "losses")  # an ablation grid's axes
@@ -53,24 +60,42 @@ def _href(*parts: str) -> str:
     return html.escape("/".join(quote(str(p), safe="") for p in parts), quote=True)
 
 
-def _local(out_dir: str | Path) -> Path:
-    """The folder as a local path; remote fsspec URLs cannot hold a page opened from disk."""
-    text = str(out_dir)
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    elif "://" in text:
-        raise OSError(f"the HTML report needs a local folder, not {text}")
-    return Path(text)
+class _Folder:
+    """One report page's folder (``page``, relative to the output folder's :class:`Store`)
+    and the files it may link to. Existence is checked by listing each folder once (one
+    request per folder on an object store, not one per image)."""
 
+    def __init__(self, store: Store, page: str = "") -> None:
+        self.store, self.page = store, page
+        self._listed: dict[str, set[str]] = {}
 
-def _inside(root: Path, rel: Any) -> str | None:
-    """``rel`` as a POSIX path when it names an existing file inside ``root``, else None."""
-    if not isinstance(rel, str) or not rel or rel.startswith("/"):
-        return None
-    target = (root / rel).resolve()
-    if not target.is_file() or root.resolve() not in target.parents:
-        return None
-    return target.relative_to(root.resolve()).as_posix()
+    def rel(self, path: str) -> str:
+        """``path`` (relative to the page's folder) relative to the output folder."""
+        return posixpath.normpath(posixpath.join(self.page, path)) if self.page else path
+
+    def link(self, path: Any) -> str | None:
+        """``path`` (relative to the page's folder) when it names an existing file of the
+        output folder, else None."""
+        if not isinstance(path, str) or not path or path.startswith("/") or "://" in path:
+            return None
+        rel = self.rel(path)
+        try:
+            self.store.path(rel)  # refuses anything outside the output folder
+        except ValueError:
+            return None
+        folder, name = posixpath.split(rel)
+        if folder not in self._listed:
+            self._listed[folder] = set(self.store.listdir(folder))
+        return posixpath.normpath(path) if name in self._listed[folder] else None
+
+    def read_json(self, path: str) -> dict:
+        try:
+            return self.store.read_json(self.rel(path))
+        except (OSError, ValueError):
+            return {}
+
+    def write(self, path: str, data: bytes) -> str:
+        return self.store.write_bytes(self.rel(path), data)
 
 
 def _img(src: str, alt: str) -> str:
@@ -149,8 +174,8 @@ def _batch_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
             "Missing metrics": _missing(ok), "Failed rows": failed.reset_index(drop=True)}
 
 
-def _candidate(root: Path, item: str, i: int, cand: dict, chosen: Any, sel: Any) -> str:
-    src = _inside(root, f"{item}/candidates/{i:02d}.png")
+def _candidate(folder: _Folder, item: str, i: int, cand: dict, chosen: Any, sel: Any) -> str:
+    src = folder.link(resolve_ref("items", item, cand["image"])) if cand.get("image") else None
     scores = cand.get("scores") or {}
     lines = [f"#{i} a{_e(cand.get('anchor'))} p{_e(cand.get('proposal'))}"
              + (" <b>chosen</b>" if i == chosen else ""),
@@ -161,25 +186,24 @@ def _candidate(root: Path, item: str, i: int, cand: dict, chosen: Any, sel: Any)
     return f'<figure class="{klass}">{image}<figcaption>{"<br>".join(lines)}</figcaption></figure>'
 
 
-def _strip(root: Path, row: pd.Series) -> str:
+def _strip(folder: _Folder, row: pd.Series) -> str:
     """One item: input, overlay, each candidate with its scores, final image."""
-    item = f"items/{row['id']}"
-    try:
-        result = json.loads((root / item / "result.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        result = {}
-    cands = result.get("candidates") or [{} for _ in (root / item / "candidates").glob("*.png")]
+    item_id = str(row["id"])
+    item = f"items/{item_id}"
+    result = folder.read_json(f"{item}/result.json")
+    cands = result.get("candidates") or []
     selection = result.get("selection") or []
     chosen = result.get("chosen")
     figures = []
-    for name, rel in (("input", f"{item}/input.png"), ("overlay (boxes)", f"{item}/overlay.png")):
-        src = _inside(root, rel)
+    source = resolve_ref("items", item_id, result["input"]) if result.get("input") else None
+    for name, rel in (("input", source), ("overlay (boxes)", f"{item}/overlay.png")):
+        src = folder.link(rel)
         if src:
             figures.append(f"<figure>{_img(src, name)}<figcaption>{name}</figcaption></figure>")
     for i, cand in enumerate(cands):
         sel = selection[i] if i < len(selection) else None
-        figures.append(_candidate(root, item, i, cand, chosen, sel))
-    final = _inside(root, row.get("final_path")) or _inside(root, f"{item}/final.png")
+        figures.append(_candidate(folder, item_id, i, cand, chosen, sel))
+    final = folder.link(row.get("final_path")) or folder.link(f"{item}/final.png")
     if final:
         figures.append(f"<figure>{_img(final, 'final')}<figcaption>final, box "
                        f"{_e(row.get('box'))}</figcaption></figure>")
@@ -191,9 +215,9 @@ def _strip(root: Path, row: pd.Series) -> str:
             f'<div class="strip">{"".join(figures)}</div></div>')
 
 
-def _batch_page(root: Path, frame: pd.DataFrame) -> str:
+def _batch_page(folder: _Folder, frame: pd.DataFrame, title: str) -> str:
     tables = _batch_tables(frame)
-    body = [f"<h1>lregions batch report: {_e(root.name)}</h1>"]
+    body = [f"<h1>lregions batch report: {_e(title)}</h1>"]
     if (frame.get("metrics_weights", pd.Series(dtype=object)) == "random").any():
         body.append(f'<div class="banner">{_e(RANDOM_BANNER)}</div>')
     body += ["<h2>Summary</h2>", _table(tables["Summary"])]
@@ -203,13 +227,13 @@ def _batch_page(root: Path, frame: pd.DataFrame) -> str:
              "<h2>Per item</h2>", _table(tables["Items"], {"id": lambda v: "#item-" + _href(v)}),
              "<h2>Items</h2>"]
     ok = frame[frame["status"] == "ok"]
-    body += [_strip(root, row) for _, row in ok.head(MAX_STRIPS).iterrows()]
+    body += [_strip(folder, row) for _, row in ok.head(MAX_STRIPS).iterrows()]
     if len(ok) > MAX_STRIPS:
         body.append(f'<p class="muted">{len(ok) - MAX_STRIPS} more items not drawn.</p>')
     body.append("<h2>Failed rows</h2>")
     failed = tables["Failed rows"]
     body.append(_table(failed) if len(failed) else '<p class="muted">none</p>')
-    return _page(f"lregions report: {root.name}", body)
+    return _page(f"lregions report: {title}", body)
 
 
 # -- ablation folders ---------------------------------------------------------------------------
@@ -280,14 +304,15 @@ def _figure(width: float, height: float, panels: int = 1) -> tuple[Any, list[Any
     return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
 
 
-def _save(fig: Any, root: Path, name: str) -> str:
-    (root / FILES).mkdir(exist_ok=True)
-    fig.savefig(root / FILES / name, format="png")
+def _save(fig: Any, folder: _Folder, name: str) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
     fig.clear()
+    folder.write(f"{FILES}/{name}", buffer.getvalue())
     return f"{FILES}/{name}"
 
 
-def _heatmaps(root: Path, tables: dict[str, pd.DataFrame]) -> str | None:
+def _heatmaps(folder: _Folder, tables: dict[str, pd.DataFrame]) -> str | None:
     grids = {k.split(": ", 1)[1]: v for k, v in tables.items() if k.startswith("Anchors x")}
     if not grids:
         return None
@@ -304,10 +329,10 @@ def _heatmaps(root: Path, tables: dict[str, pd.DataFrame]) -> str | None:
                 ax.text(x, y, f"{v:.3g}", ha="center", va="center", fontsize=9,
                         color="w" if dark else "k")
         fig.colorbar(image, ax=ax)
-    return _save(fig, root, "anchors_proposals.png")
+    return _save(fig, folder, "anchors_proposals.png")
 
 
-def _bars(root: Path, frame: pd.DataFrame, key: str, name: str, title: str) -> str | None:
+def _bars(folder: _Folder, frame: pd.DataFrame, key: str, name: str, title: str) -> str | None:
     metrics = [c for c in ("box_iou", "text_sim") if c in frame and frame[c].notna().any()]
     if not metrics or frame.empty:
         return None
@@ -320,14 +345,14 @@ def _bars(root: Path, frame: pd.DataFrame, key: str, name: str, title: str) -> s
     ax.axhline(0, color="k", linewidth=0.6)
     ax.set(title=title, xlabel=key)
     ax.legend(fontsize=8)
-    return _save(fig, root, name)
+    return _save(fig, folder, name)
 
 
-def _ablation_page(root: Path, table: pd.DataFrame) -> str:
+def _ablation_page(folder: _Folder, table: pd.DataFrame, title: str) -> str:
     tables = _ablation_tables(table)
     ok = int(table.get("ok", pd.Series(dtype=int)).sum())
     failed = int(table.get("failed", pd.Series(dtype=int)).sum())
-    body = [f"<h1>lregions ablation report: {_e(root.name)}</h1>",
+    body = [f"<h1>lregions ablation report: {_e(title)}</h1>",
             f"<p>{len(table)} cells, {ok} ok rows, {failed} failed rows.</p>"]
     cells = table.copy()
     for column in ("text_sim", "image_sim", "loss", "editor_requests", *METRICS):
@@ -335,61 +360,76 @@ def _ablation_page(root: Path, table: pd.DataFrame) -> str:
             cells = cells.drop(columns=column)
     reports = set()
     for cell in table.get("cell", []):
-        if (root / "cells" / str(cell) / "index.parquet").is_file():
-            try:
-                write_report(root / "cells" / str(cell))
-                reports.add(cell)
-            except (OSError, ValueError, KeyError) as exc:
-                body.append(f'<p class="err">cell {_e(cell)}: report not written: {_e(exc)}</p>')
+        try:
+            _write(folder.store, folder.rel(f"cells/{cell}"))
+            reports.add(cell)
+        except FileNotFoundError:
+            pass  # the cell has no index yet
+        except (OSError, ValueError, KeyError) as exc:
+            body.append(f'<p class="err">cell {_e(cell)}: report not written: {_e(exc)}</p>')
     link = {"cell": lambda v: _href("cells", v, "report.html") if v in reports else None}
     body += ["<h2>Cells (means over ok rows; each links to its own report)</h2>",
              _table(cells, link)]
-    heat = _heatmaps(root, tables)
+    heat = _heatmaps(folder, tables)
     grids = [k for k in tables if k.startswith("Anchors x")]
     if grids:
         note = tables[grids[0]].attrs.get("note", "")
         body.append(f"<h2>Anchors x proposals</h2><p class='muted'>{_e(note)}</p>")
         body += [f"<h3>{_e(k.split(': ', 1)[1])}</h3>" + _table(tables[k]) for k in grids]
         body.append(_img(heat, "anchors x proposals heatmaps") if heat else "")
-    for title, key, name in (("Learned vs random regions", "mode", "modes.png"),
-                             ("Loss terms", "losses", "losses.png")):
-        if title in tables:
-            bar = _bars(root, tables[title], key, name, title.lower())
-            body += [f"<h2>{title}</h2><p class='muted'>{_e(tables[title].attrs['note'])}</p>",
-                     _table(tables[title]), _img(bar, f"{title}: box IoU") if bar else ""]
-    return _page(f"lregions ablation: {root.name}", body)
+    for heading, key, name in (("Learned vs random regions", "mode", "modes.png"),
+                               ("Loss terms", "losses", "losses.png")):
+        if heading in tables:
+            bar = _bars(folder, tables[heading], key, name, heading.lower())
+            body += [f"<h2>{heading}</h2><p class='muted'>{_e(tables[heading].attrs['note'])}</p>",
+                     _table(tables[heading]), _img(bar, f"{heading}: box IoU") if bar else ""]
+    return _page(f"lregions ablation: {title}", body)
 
 
 # -- entry points -------------------------------------------------------------------------------
-def summary_tables(out_dir: str | Path) -> dict[str, pd.DataFrame]:
+ABLATION = "ablation.parquet"
+
+
+def _frame(store: Store, folder: str) -> tuple[str, pd.DataFrame]:
+    """("ablation", its table) or ("batch", its index, partial while a run is unfinished)."""
+    rel = posixpath.join(folder, ABLATION) if folder else ABLATION
+    if store.exists(rel):
+        return "ablation", store.read_parquet(rel)
+    try:
+        return "batch", read_index(store, folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{store.url_of(folder)} has no {INDEX}, index parts or {ABLATION}") from None
+
+
+def summary_tables(out_dir: str) -> dict[str, pd.DataFrame]:
     """The report's summary tables by title (plain column/row frames, ready for ``to_json``).
 
-    Batch folder: Summary, Metric means, Items, Missing metrics, Failed rows. Ablation folder: Cells, one
-    "Anchors x proposals: <metric>" table per similarity metric, "Learned vs random regions" and
-    (when the loss terms vary) "Loss terms".
+    Batch folder: Summary, Metric means, Items, Missing metrics, Failed rows. Ablation folder:
+    Cells, one "Anchors x proposals: <metric>" table per similarity metric, "Learned vs random
+    regions" and (when the loss terms vary) "Loss terms".
     """
-    root = _local(out_dir)
-    if (root / "ablation.parquet").is_file():
-        return _ablation_tables(pd.read_parquet(root / "ablation.parquet"))
-    return _batch_tables(pd.read_parquet(root / "index.parquet"))
+    kind, frame = _frame(Store(str(out_dir)), "")
+    return _ablation_tables(frame) if kind == "ablation" else _batch_tables(frame)
 
 
-def write_report(out_dir: str | Path) -> Path:
+def _write(store: Store, folder: str) -> str:
+    kind, frame = _frame(store, folder)
+    page_folder = _Folder(store, folder)
+    title = posixpath.basename(store.path(folder))
+    page = (_ablation_page(page_folder, frame, title) if kind == "ablation"
+            else _batch_page(page_folder, frame, title))
+    page_folder.write("report.html", page.encode("utf-8"))
+    return store.url_of(page_folder.rel("report.html"))
+
+
+def write_report(out_dir: str) -> str:
     """Write ``out_dir/report.html`` (and its plots under ``out_dir/report_files/``) for a batch
-    or ablation folder; an ablation also gets one report per cell. Returns the page's path.
+    or ablation folder, local or an fsspec URL; an ablation also gets one report per cell (make
+    those from the ablation's folder: their images live in its shared cache). Returns the page's
+    path or URL.
 
-    Raises OSError for a remote (non-``file://``) folder and FileNotFoundError when the folder
-    holds neither ``index.parquet`` nor ``ablation.parquet``.
+    Raises FileNotFoundError when the folder holds no index (merged or partial) and no
+    ``ablation.parquet``.
     """
-    root = _local(out_dir)
-    if (root / "ablation.parquet").is_file():
-        page = _ablation_page(root, pd.read_parquet(root / "ablation.parquet"))
-    elif (root / "index.parquet").is_file():
-        page = _batch_page(root, pd.read_parquet(root / "index.parquet"))
-    else:
-        raise FileNotFoundError(f"{root} has no index.parquet or ablation.parquet")
-    target = root / "report.html"
-    tmp = root / f".report.html.{os.getpid()}.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return _write(Store(str(out_dir)), "")

@@ -1,14 +1,20 @@
 """The method split into cacheable stages for batch runs: ingest, features, regions, select,
-outputs. Each stage stores its large results itself (PNG, JSON, Parquet) at an address made of
-content hashes, the settings that stage reads (:data:`STAGE_SETTINGS`) and the library version,
-so a finished stage is found again after a restart and a changed setting recomputes only the
-stages that read it. Stages pass small JSON-ready dicts between them.
+outputs, evaluate. Each stage stores its large results itself (PNG, JSON, Parquet) at an address
+made of content hashes, the settings that stage reads (:data:`STAGE_SETTINGS`) and the library
+version, so a finished stage is found again after a restart and a changed setting recomputes only
+the stages that read it. Stages pass small JSON-ready dicts between them.
+
+Every pixel is stored once: the normalised input in ``cache/images/``, each candidate edit in
+``cache/regions/<key>/``. An item (``items/<id>/``) holds its final image, an overlay and
+``result.json``, whose ``input`` and ``candidates[i].image`` refer to those files by paths
+relative to the item's folder (``keep_candidates`` decides which candidates stay).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -29,6 +35,7 @@ from lregions_core.images import (
     to_working,
 )
 from lregions_core.interfaces import CandidateScores, Features
+from lregions_core.loading import heavy_import
 from lregions_core.manifest import ManifestRow
 from lregions_core.store import Store
 
@@ -44,7 +51,10 @@ REGION_SETTINGS = FEATURE_SETTINGS + (
     "iterations", "lr", "tau", "estimator", "w_clip", "w_dir", "w_str",
 )
 SELECT_SETTINGS = ("select_text_weight", "select_image_weight", "select_top_k")
-OUTPUT_SETTINGS = ("feather",)
+OUTPUT_SETTINGS = ("feather", "keep_candidates")
+# What an item folder holds and how result.json refers to pixels. Part of the item key: items
+# written in an older layout are written again (features and regions are reused).
+ITEM_LAYOUT = 2
 # Settings that change where or how fast work runs, not its result.
 OPERATIONAL_SETTINGS = ("device", "dtype", "weights_dir", "edit_batch", "seed")
 STAGE_SETTINGS = {
@@ -86,7 +96,7 @@ def plan(row: ManifestRow, image_hash: str, config: Config) -> dict:
         "features_key": features_key,
         "regions_key": regions_key,
         "item_key": _hash(regions_key, config.digest(SELECT_SETTINGS + OUTPUT_SETTINGS),
-                          library_version()),
+                          library_version(), ITEM_LAYOUT),
     }
 
 
@@ -116,8 +126,7 @@ def features(state: dict, config: Config, store: Store, models: Callable) -> dic
     key = state["features_key"]
     rel = f"cache/features/{state['image_hash']}-{key}.parquet"
     if not store.exists(rel):
-        import pandas as pd
-
+        pd = heavy_import("pandas")
         work = to_working(store.read_png(state["image_path"]), config.work_size,
                           config.work_multiple)
         feats = models().features(work)
@@ -145,14 +154,35 @@ def load_features(store: Store, rel: str) -> Features:
 
 
 # -- regions (the GPU stage) --------------------------------------------------------------------
+def regions_folder(state: dict) -> str:
+    """Where the regions stage of a planned row (see :func:`plan`) keeps its candidates."""
+    return f"cache/regions/{state['image_hash']}-{state['regions_key']}"
+
+
+def candidate_png(regions_path: str, index: int) -> str:
+    return f"{regions_path}/cand_{index:02d}.png"
+
+
+def _regions_complete(store: Store, folder: str) -> bool:
+    """A regions result is complete when ``candidates.json`` (written last) and every candidate
+    image are there. ``keep_candidates`` may have pruned images since; then it is recomputed."""
+    names = set(store.listdir(folder))
+    if "candidates.json" not in names:
+        return False
+    try:
+        count = len(store.read_json(f"{folder}/candidates.json")["candidates"])
+    except (ValueError, KeyError, OSError):
+        return False
+    return all(posixpath.basename(candidate_png(folder, i)) in names for i in range(count))
+
+
 def regions(
     row: ManifestRow, state: dict, config: Config, store: Store, models: Callable
 ) -> dict:
     """Anchors, proposals and region choice; every candidate's pixels and scores are stored."""
     seed = row_seed(row, config)
-    key = state["regions_key"]
-    folder = f"cache/regions/{state['image_hash']}-{key}"
-    if store.exists(f"{folder}/candidates.json"):  # written last: its presence means complete
+    folder = regions_folder(state)
+    if _regions_complete(store, folder):
         return {"regions_path": folder}
     loaded = models()
     work = to_working(store.read_png(state["image_path"]), config.work_size, config.work_multiple)
@@ -162,7 +192,7 @@ def regions(
     )
     records = []
     for i, cand in enumerate(outcome.candidates):
-        store.write_png(f"{folder}/cand_{i:02d}.png", cand.image)
+        store.write_png(candidate_png(folder, i), cand.image)
         records.append({"anchor": cand.anchor, "proposal": cand.proposal, "box": cand.box,
                         "loss": cand.loss, "scores": vars(cand.scores)})
     store.write_json(
@@ -203,12 +233,28 @@ def overlay(image: Image.Image, anchors: np.ndarray, boxes: list, chosen: int) -
     return canvas
 
 
+def kept_candidates(keep: str, count: int, chosen: int) -> list[int]:
+    """Indices of the candidate images an item keeps under ``keep_candidates=keep``."""
+    return {"all": list(range(count)), "chosen": [chosen], "none": []}[keep]
+
+
+def item_ref(items: str, item_id: str, rel: str) -> str:
+    """``rel`` (relative to the output folder) as a path relative to the item's folder."""
+    return posixpath.relpath(rel, f"{items}/{item_id}")
+
+
+def resolve_ref(items: str, item_id: str, ref: str) -> str:
+    """The inverse of :func:`item_ref`: a reference in ``result.json`` as a path relative to the
+    output folder (:class:`Store` refuses one that leaves it)."""
+    return posixpath.normpath(f"{items}/{item_id}/{ref}")
+
+
 def outputs(
     row: ManifestRow, state: dict, config: Config, store: Store, items: str = "items"
 ) -> dict:
-    """``<items>/<id>/``: input, overlay, candidates, final image, then result.json (last, so its
-    presence means the item is complete). ``final_path`` is relative to the folder holding
-    ``items`` (where that run's index.parquet goes)."""
+    """``<items>/<id>/``: overlay, final image, then result.json (last, so its presence means
+    the item is complete). The input and the candidates are referred to, not copied.
+    ``final_path`` is relative to the folder holding ``items`` (where that run's index goes)."""
     item = f"{items}/{row.id}"
     found = store.read_json(f"{state['regions_path']}/candidates.json")
     source = store.read_png(state["image_path"])
@@ -216,29 +262,32 @@ def outputs(
     chosen = state["chosen"]
     cands = found["candidates"]
     box_work = cands[chosen]["box"]
-    edited = store.read_png(f"{state['regions_path']}/cand_{chosen:02d}.png")
+    edited = store.read_png(candidate_png(state["regions_path"], chosen))
     final = paste_back(source, edited, box_work, work_size, config.feather)
     to_input = [source.width / work_size[0], source.height / work_size[1]] * 2
     boxes_in = [[v * s for v, s in zip(c["box"], to_input)] for c in cands]
     anchors_in = np.asarray(found["anchors"]) * np.asarray(to_input[:2])
-    store.write_png(f"{item}/input.png", source)
     store.write_png(f"{item}/overlay.png", overlay(source, anchors_in, boxes_in, chosen))
-    for i in range(len(cands)):
-        store.write_bytes(f"{item}/candidates/{i:02d}.png",
-                          store.read_bytes(f"{state['regions_path']}/cand_{i:02d}.png"))
     store.write_png(f"{item}/final.png", final)
     box = list(input_box(source.size, box_work, work_size) or (0, 0, 0, 0))
+    kept = kept_candidates(config.keep_candidates, len(cands), chosen)
+    images = [item_ref(items, row.id, candidate_png(state["regions_path"], i)) if i in kept
+              else None for i in range(len(cands))]
     result = {
         "id": row.id,
         "item_key": state["item_key"],
         "manifest_row": row.to_record(),
+        "input": item_ref(items, row.id, state["image_path"]),
+        "regions_path": state["regions_path"],
         "box": box,
         "changed_region": list(paste_region(source.size, box_work, work_size, config.feather)),
         "chosen": chosen,
         "scores": cands[chosen]["scores"],
         "loss": cands[chosen]["loss"],
         "selection": state["selection"],
-        "candidates": [{**c, "box_input": b} for c, b in zip(cands, boxes_in)],
+        "candidates": [{**c, "box_input": b, "image": image}
+                       for c, b, image in zip(cands, boxes_in, images)],
+        "keep_candidates": config.keep_candidates,
         "anchors": anchors_in,
         "box_probs": found["probs"],
         "param_change": found["param_change"],
@@ -250,6 +299,19 @@ def outputs(
     }
     store.write_json(f"{item}/result.json", result)
     return {"final_path": f"items/{row.id}/final.png", "box": box, "result": result}
+
+
+def prune_candidates(store: Store, result: dict) -> None:
+    """Delete the candidate images an item does not keep (see ``keep_candidates``). Call it only
+    once no row in flight may still read them: a later row that needs them recomputes them."""
+    folder = result.get("regions_path")
+    keep = result.get("keep_candidates", "all")
+    if not folder or keep == "all":
+        return
+    kept = {candidate_png(folder, i)
+            for i in kept_candidates(keep, len(result["candidates"]), result["chosen"])}
+    present = [f"{folder}/{name}" for name in store.listdir(folder) if name.endswith(".png")]
+    store.remove([rel for rel in present if rel not in kept])
 
 
 def finished_item(row: ManifestRow, state: dict, store: Store, items: str = "items") -> dict | None:
@@ -288,7 +350,7 @@ def evaluate(
             pass  # unreadable: recompute
     result = state.get("result") or store.read_json(f"{items}/{row.id}/result.json")
     found = evaluator().evaluate(
-        store.read_png(f"{items}/{row.id}/input.png"),
+        store.read_png(resolve_ref(items, row.id, result["input"])),
         store.read_png(f"{items}/{row.id}/final.png"),
         prompt=row.prompt, source_prompt=row.source, box=tuple(result["box"]),
         target_box=row.target_box,

@@ -1,18 +1,32 @@
-"""Where a batch keeps its files: one output folder (local path or fsspec URL), every file written
-atomically (temporary name, then rename), so a crash never leaves half a file that a later run
-would trust. Only PNG, JSON and Parquet are written or read: no pickle.
+"""Where a batch keeps its files: one output folder, a local path or any fsspec URL (``s3://``,
+``gs://``, ``memory://`` ...). A crash never leaves half a file that a later run would trust:
+
+- on object stores a single PUT is already atomic (the object appears whole or not at all), so a
+  file is written once, straight to its name;
+- on file systems it is written under a temporary name beside its target and renamed (a rename
+  is atomic there). Temporary names start with ``.`` so readers of a folder skip them.
+
+Only PNG, JSON and Parquet are written or read: no pickle.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
 from PIL import Image
+
+from lregions_core.loading import heavy_import
+
+# fsspec protocols whose single write is atomic: object stores (one PUT or one completed
+# multipart upload makes the object appear whole) and the in-memory file system.
+ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"})
 
 
 class Store:
@@ -21,7 +35,10 @@ class Store:
     def __init__(self, root: str) -> None:
         self.fs, path = fsspec.core.url_to_fs(str(root))
         self.root = path.rstrip("/") or "/"
-        self.url = str(root)
+        self.url = str(root).rstrip("/") or str(root)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        self.atomic_put = bool(ATOMIC_PUT_PROTOCOLS.intersection(protocols))
+        self.local = "file" in protocols or "local" in protocols
 
     def path(self, rel: str) -> str:
         full = posixpath.normpath(posixpath.join(self.root, rel))
@@ -29,24 +46,59 @@ class Store:
             raise ValueError(f"path {rel!r} escapes the output folder {self.url}")
         return full
 
+    def url_of(self, rel: str) -> str:
+        """``rel`` as a URL or path a user can open (``s3://bucket/out/rel``, ``/data/out/rel``)."""
+        return posixpath.join(self.url, rel) if rel else self.url
+
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    def listdir(self, rel: str) -> list[str]:
+        """Names of the files and folders directly in ``rel`` (none when it does not exist), as
+        other processes left them: listing caches are dropped first."""
+        folder = self.path(rel)
+        self.fs.invalidate_cache(folder)
+        try:
+            entries = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
     # -- writing ---------------------------------------------------------------------------
-    def write_bytes(self, rel: str, data: bytes) -> str:
+    @contextlib.contextmanager
+    def open_write(self, rel: str) -> Iterator[Any]:
+        """A binary file to write ``rel`` through; it appears under its name, whole, only when
+        the block ends without an exception (see the module docstring)."""
         target = self.path(rel)
+        if self.atomic_put:
+            handle = self.fs.open(target, "wb")  # one PUT, or one multipart upload, at close
+            try:
+                yield handle
+            except BaseException:
+                handle.discard()  # abort: closing would publish what was written so far
+                raise
+            handle.close()
+            return
         folder = posixpath.dirname(target)
         self.fs.makedirs(folder, exist_ok=True)
         tmp = posixpath.join(folder, f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
-        with self.fs.open(tmp, "wb") as handle:
-            handle.write(data)
         try:
+            with self.fs.open(tmp, "wb") as handle:
+                yield handle
             self.fs.mv(tmp, target)  # a rename on local disks: atomic
-        except Exception:
+        except BaseException:
             if self.fs.exists(tmp):
                 self.fs.rm(tmp)
             raise
-        return target
+
+    def write_bytes(self, rel: str, data: bytes) -> str:
+        if self.atomic_put:
+            target = self.path(rel)
+            self.fs.pipe_file(target, data)  # one PUT: no temporary copy to move afterwards
+            return target
+        with self.open_write(rel) as handle:
+            handle.write(data)
+        return self.path(rel)
 
     def write_json(self, rel: str, value: Any) -> str:
         return self.write_bytes(rel, json.dumps(value, indent=2, default=_jsonable).encode())
@@ -60,6 +112,32 @@ class Store:
         buffer = io.BytesIO()
         frame.to_parquet(buffer, index=False)
         return self.write_bytes(rel, buffer.getvalue())
+
+    def remove(self, rels: list[str]) -> None:
+        """Delete files (those already gone are ignored); one request per batch on object
+        stores."""
+        paths = [self.path(rel) for rel in rels]
+        if not paths:
+            return
+        try:
+            self.fs.rm(paths)
+        except FileNotFoundError:
+            for path in paths:  # some were gone: delete the rest one by one
+                try:
+                    self.fs.rm(path)
+                except FileNotFoundError:
+                    pass
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete a folder and everything in it (nothing when it does not exist)."""
+        folder = self.path(rel)
+        if folder == self.root:
+            raise ValueError(f"refusing to delete the whole output folder {self.url}")
+        self.fs.invalidate_cache(folder)
+        try:
+            self.fs.rm(folder, recursive=True)
+        except FileNotFoundError:
+            pass
 
     # -- reading ---------------------------------------------------------------------------
     def read_bytes(self, rel: str) -> bytes:
@@ -75,8 +153,7 @@ class Store:
         return image.convert("RGB")
 
     def read_parquet(self, rel: str):
-        import pandas as pd
-
+        pd = heavy_import("pandas")
         return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
 
 

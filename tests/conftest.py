@@ -52,7 +52,7 @@ def offline_hub(monkeypatch, tmp_path):
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server for the whole test session (starting one costs ~25 s)."""
-    from lregions_core.cli import prefect_defaults
+    from flows.cli import prefect_defaults
 
     prefect_defaults()
     from prefect.testing.utilities import prefect_test_harness

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lregions_core.cli import main
+from flows.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ ORACLE = ROOT / "manifests" / "oracle.csv"
 
 
 def run_cli(*args: str) -> int:
-    from lregions_core.cli import main
+    from flows.cli import main
 
     return main(["edit", *args])
 
@@ -46,14 +47,20 @@ def test_demo_manifest_end_to_end_then_rerun_reuses_everything(prefect_server, t
         assert column in table.columns
     for row in table.itertuples():
         item = out / "items" / row.id
-        for name in ("input.png", "overlay.png", "final.png", "result.json"):
-            assert (item / name).is_file(), (row.id, name)
-        assert len(list((item / "candidates").glob("*.png"))) == 9
+        assert sorted(p.name for p in item.iterdir()) == [
+            "final.png", "metrics.json", "overlay.png", "result.json"]
+        result = json.loads((item / "result.json").read_text())
+        cands = [(item / c["image"]).resolve() for c in result["candidates"]]
+        assert len(cands) == 9 and all(p.is_file() for p in cands)
+        assert all(out.resolve() / "cache" / "regions" in p.parents for p in cands)
         x0, y0, x1, y1 = map(int, row.box.split(","))
-        source = Image.open(item / "input.png")
+        source = Image.open(item / result["input"])
         assert Image.open(item / "final.png").size == source.size
         assert 0 <= x0 < x1 <= source.width and 0 <= y0 < y1 <= source.height
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp")) and not (out / "index-parts").exists()
+    # every candidate image is stored once, in the regions cache (items refer to it)
+    pngs = [p for p in out.rglob("*.png") if "report_files" not in p.parts]
+    assert len(pngs) == 4 * 9 + 4 * 2 + 4  # candidates; final + overlay per item; inputs
     assert table["metrics_weights"].eq("random").all()  # tiny preset: said, not hidden
     assert table["clip_text_image"].notna().all() and table["box_iou"].isna().all()
 
@@ -127,7 +134,7 @@ def test_killed_run_resumes_without_recomputing_or_losing_items(prefect_server, 
     out = tmp_path / "out"
     env = {**os.environ}
     env.pop("PREFECT_API_URL", None)  # the child runs on its own temporary server
-    cmd = [sys.executable, "-m", "lregions_core.cli", "edit", str(ORACLE), "--out", str(out),
+    cmd = [sys.executable, "-m", "flows.cli", "edit", str(ORACLE), "--out", str(out),
            "--preset", "oracle", "--chunk-size", "2"]
     child = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
@@ -192,8 +199,8 @@ def test_every_setting_is_read_by_a_stage_or_is_operational():
 
 def test_missing_weights_fail_rows_with_the_reason_and_load_once(prefect_server, tmp_path,
                                                                   offline_hub, monkeypatch):
+    from lregions_core import pipeline
     from lregions_core.pipeline import Models
-    from tasks import stages as task_stages
 
     calls = []
     real_load = Models.load.__func__
@@ -203,7 +210,7 @@ def test_missing_weights_fail_rows_with_the_reason_and_load_once(prefect_server,
         return real_load(cls, config)
 
     monkeypatch.setattr(Models, "load", classmethod(counting_load))
-    task_stages._load_models.cache_clear()
+    pipeline._shared_models.cache_clear()
     out = tmp_path / "out"
     code = run_cli(str(DEMO), "--out", str(out), "--preset", "tiny", "--set",
                    "random_weights=false", "--set", "clip_pretrained=openai")
@@ -213,4 +220,4 @@ def test_missing_weights_fail_rows_with_the_reason_and_load_once(prefect_server,
     assert table["error"].str.contains("weights for the").all()
     assert table["error"].str.contains("lregions download").all()
     assert len(calls) == 1  # the failure is remembered, not retried per row
-    task_stages._load_models.cache_clear()
+    pipeline._shared_models.cache_clear()

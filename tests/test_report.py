@@ -6,6 +6,7 @@ that loads every image."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -30,33 +31,42 @@ def _png(path: Path, size: tuple[int, int], colour: tuple[int, int, int]) -> Non
     image.save(path)
 
 
-def _item(folder: Path, item_id: str, prompt: str, n: int, chosen: int) -> None:
+def _item(folder: Path, item_id: str, prompt: str, n: int, chosen: int,
+          cache: Path | None = None) -> None:
+    """An item as the outputs stage writes it: overlay, final and result.json in the item's
+    folder; the input and the candidates in the (shared) cache, referred to from result.json."""
     item = folder / "items" / item_id
-    for name, colour in (("input", (40, 90, 160)), ("overlay", (60, 120, 60)),
-                         ("final", (160, 90, 40))):
+    cache = cache or folder / "cache"
+    for name, colour in (("overlay", (60, 120, 60)), ("final", (160, 90, 40))):
         _png(item / f"{name}.png", (80, 60), colour)
+    source = cache / "images" / f"{item_id}.png"
+    _png(source, (80, 60), (40, 90, 160))
     candidates = []
     for i in range(n):
-        _png(item / "candidates" / f"{i:02d}.png", (32, 24), (30 * i, 200, 90))
+        cand = cache / "regions" / f"{item_id}-key" / f"cand_{i:02d}.png"
+        _png(cand, (32, 24), (30 * i, 200, 90))
         candidates.append({
             "anchor": i, "proposal": i % 2, "box": [0, 0, 16, 16], "loss": 1.5 + i / 10,
             "scores": {"loss_clip": 1.0, "loss_dir": 0.4, "loss_str": 0.1,
                        "text_sim": 0.2 + i / 100, "image_sim": 0.9 - i / 100},
             "box_input": [0.0, 0.0, 40.0, 30.0],
+            "image": os.path.relpath(cand, item),
         })
     result = {"id": item_id, "box": [0, 0, 40, 30], "chosen": chosen, "candidates": candidates,
+              "input": os.path.relpath(source, item),
               "selection": [None] + [0.5 + i / 10 for i in range(1, n)],
               "manifest_row": {"prompt": prompt, "source": "a thing", "id": item_id}}
     (item / "result.json").write_text(json.dumps(result))
 
 
-def make_batch(folder: Path, weights: str | None = "random", seed: int = 0) -> Path:
+def make_batch(folder: Path, weights: str | None = "random", seed: int = 0,
+               cache: Path | None = None) -> Path:
     """Two ok items (three candidates each) and one failed row."""
     folder.mkdir(parents=True, exist_ok=True)
     prompts = {"cat-hat": f"a cat wearing {EVIL}", "mug-tea": "a cup of green tea"}
     rows = []
     for k, (item_id, prompt) in enumerate(prompts.items()):
-        _item(folder, item_id, prompt, n=3, chosen=2 - k)
+        _item(folder, item_id, prompt, n=3, chosen=2 - k, cache=cache)
         rows.append({
             "id": item_id, "status": "ok", "error": None,
             "final_path": f"items/{item_id}/final.png", "box": "0,0,40,30",
@@ -86,7 +96,7 @@ def make_ablation(folder: Path) -> Path:
     rows = []
     for k, (a, p, mode, losses) in enumerate(cells):
         name = f"a{a}_p{p}_{mode}_L-{losses.replace('+', '-')}"
-        make_batch(folder / "cells" / name, weights="pretrained", seed=k)
+        make_batch(folder / "cells" / name, weights="pretrained", seed=k, cache=folder / "cache")
         rows.append({"cell": name, "num_anchors": a, "num_proposals": p, "mode": mode,
                      "losses": losses, "rows": 3, "ok": 2, "failed": 1,
                      "text_sim": 0.2 + a / 100 + p / 1000, "image_sim": 0.8 - a / 100,
@@ -117,25 +127,29 @@ def _refs(page: Path) -> _Refs:
     return parser
 
 
-def _assert_local(page: Path, refs: list[str]) -> None:
+def _assert_local(page: Path, refs: list[str], top: Path) -> None:
+    """Every link is relative, names an existing file, and stays inside the output folder."""
     for ref in refs:
         if ref.startswith("#"):
             continue
         assert "://" not in ref and not ref.startswith(("/", "\\")), ref
-        assert (page.parent / unquote(ref)).is_file(), ref
+        target = (page.parent / unquote(ref)).resolve()
+        assert target.is_file() and top.resolve() in target.parents, ref
 
 
 def test_batch_report(tmp_path):
     folder = make_batch(tmp_path / "batch")
-    page = write_report(str(folder))
+    page = Path(write_report(str(folder)))
     assert page == folder / "report.html"
     text = page.read_text(encoding="utf-8")
     refs = _refs(page)
-    _assert_local(page, refs.srcs + refs.hrefs)
+    _assert_local(page, refs.srcs + refs.hrefs, folder)
     for item_id in ("cat-hat", "mug-tea"):
-        for name in ("input", "overlay", "final", "candidates/00", "candidates/01",
-                     "candidates/02"):
-            assert f"items/{item_id}/{name}.png" in refs.srcs
+        expected = [f"cache/images/{item_id}.png", f"items/{item_id}/overlay.png",
+                    f"items/{item_id}/final.png"]
+        expected += [f"cache/regions/{item_id}-key/cand_{i:02d}.png" for i in range(3)]
+        for src in expected:
+            assert src in refs.srcs
     assert len(refs.srcs) == 2 * 6
     assert "<script>" not in text and "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in text
     failed = text.split("<h2>Failed rows</h2>", 1)[1]
@@ -148,12 +162,24 @@ def test_batch_report(tmp_path):
 
 
 def test_banner_only_for_random_weights(tmp_path):
-    page = write_report(make_batch(tmp_path / "b", weights="pretrained"))
+    page = Path(write_report(str(make_batch(tmp_path / "b", weights="pretrained"))))
     assert "RANDOM weights" not in page.read_text(encoding="utf-8")
 
 
+def test_pruned_candidates_are_shown_without_images(tmp_path):
+    folder = make_batch(tmp_path / "b")
+    result_path = folder / "items" / "cat-hat" / "result.json"
+    result = json.loads(result_path.read_text())
+    for cand in result["candidates"][:2]:
+        cand["image"] = None  # keep_candidates=chosen
+    result_path.write_text(json.dumps(result))
+    text = Path(write_report(str(folder))).read_text(encoding="utf-8")
+    assert text.count("(no image)") == 2
+    assert "cache/regions/cat-hat-key/cand_02.png" in _refs(folder / "report.html").srcs
+
+
 def test_batch_summary_tables(tmp_path):
-    tables = summary_tables(make_batch(tmp_path / "b"))
+    tables = summary_tables(str(make_batch(tmp_path / "b")))
     assert set(tables) == {"Summary", "Metric means", "Items", "Missing metrics", "Failed rows"}
     assert tables["Missing metrics"].to_dict("records") == [
         {"reason": "no background left", "metrics": "bg_psnr", "rows": 2}]
@@ -168,10 +194,10 @@ def test_batch_summary_tables(tmp_path):
 
 def test_ablation_report(tmp_path):
     folder = make_ablation(tmp_path / "abl")
-    page = write_report(folder)
+    page = Path(write_report(str(folder)))
     text = page.read_text(encoding="utf-8")
     refs = _refs(page)
-    _assert_local(page, refs.srcs + refs.hrefs)
+    _assert_local(page, refs.srcs + refs.hrefs, folder)
     for plot in ("anchors_proposals.png", "modes.png", "losses.png"):
         assert f"report_files/{plot}" in refs.srcs
         with Image.open(folder / "report_files" / plot) as image:
@@ -180,10 +206,12 @@ def test_ablation_report(tmp_path):
     for cell in cells:
         assert f"cells/{cell}/report.html" in refs.hrefs
         cell_page = folder / "cells" / cell / "report.html"
-        _assert_local(cell_page, _refs(cell_page).srcs)
+        srcs = _refs(cell_page).srcs
+        _assert_local(cell_page, srcs, folder)
+        assert "../../cache/images/cat-hat.png" in srcs  # the ablation's shared cache
     assert "RANDOM weights" not in text and "bg_lpips" not in text  # an all-empty column
 
-    tables = summary_tables(folder)
+    tables = summary_tables(str(folder))
     modes = tables["Learned vs random regions"]
     assert modes["mode"].tolist() == ["rgn", "exhaustive", "dino-random", "random"]
     assert modes["box_iou"].tolist() == pytest.approx([0.7, 0.6, 0.4, 0.2])  # full losses only
@@ -196,18 +224,36 @@ def test_ablation_report(tmp_path):
     assert re.search(r"<h2>Loss terms</h2><p class='muted'>mode = rgn; only settings run", text)
 
 
-def test_missing_and_remote_folders(tmp_path):
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no index.parquet"):
+        write_report(str(tmp_path))
     with pytest.raises(FileNotFoundError):
-        write_report(tmp_path)
-    with pytest.raises(OSError):
-        write_report("memory://somewhere/out")
+        write_report("memory://lregions-test-empty/out")
+
+
+def test_report_on_an_fsspec_store(tmp_path):
+    """A batch folder on another file system (fsspec's in-memory one here; S3 is tested in
+    test_object_store.py): the page and its links are the same as on disk."""
+    import fsspec
+
+    local = make_batch(tmp_path / "b")
+    fs = fsspec.filesystem("memory")
+    fs.put(str(local), "/lregions-test/b", recursive=True)
+    try:
+        url = write_report("memory://lregions-test/b")
+        assert url == "memory://lregions-test/b/report.html"
+        remote = fs.cat("/lregions-test/b/report.html").decode()
+        on_disk = Path(write_report(str(local))).read_text(encoding="utf-8")
+        assert remote == on_disk
+    finally:
+        fs.rm("/lregions-test", recursive=True)
 
 
 @pytest.mark.parametrize("kind", ["batch", "ablation"])
 def test_report_in_headless_chromium(tmp_path, kind):
     folder = (make_batch if kind == "batch" else make_ablation)(tmp_path / kind)
     shot = tmp_path / "report.png"
-    images, scripts, requests = render_in_chromium(write_report(folder), shot)
+    images, scripts, requests = render_in_chromium(write_report(str(folder)), shot)
     assert images and all(image["ok"] for image in images), [i for i in images if not i["ok"]]
     assert scripts == 0
     assert all(url.startswith("file://") for url in requests), requests

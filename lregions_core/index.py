@@ -1,0 +1,180 @@
+"""The batch index: one row per manifest row, written part by part as rows finish.
+
+Layout, under the folder that holds ``index.parquet`` (the output folder, or an ablation cell's):
+
+- ``index-parts/run=<run id>/<part>.parquet``: written as soon as a chunk of rows has gone
+  through every stage (each row's item is complete by then), so a run killed at any moment
+  leaves a readable index of every row it finished. Part names sort in manifest order.
+- ``index.parquet``: when a run ends, its parts are merged (streamed, one part in memory at a
+  time) into this file, written atomically, and the parts folder is removed.
+
+:func:`read_index` gives the latest word on every row: ``index.parquet`` overlaid with the rows
+of any parts left by runs that did not finish (the newest run wins). Every part has the same
+Arrow schema (:data:`SCHEMA`), so parts of any run always merge.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import secrets
+import time
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lregions_core.config import Config
+from lregions_core.metrics import METRICS
+from lregions_core.store import Store
+
+PARTS = "index-parts"
+INDEX = "index.parquet"
+
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+        ("final_path", pa.string()), ("box", pa.string()),
+        ("text_sim", pa.float64()), ("image_sim", pa.float64()), ("loss", pa.float64()),
+        ("selection_score", pa.float64()), ("editor_requests", pa.int64()),
+        ("reused", pa.bool_()),
+        ("seconds_ingest", pa.float64()), ("seconds_features", pa.float64()),
+        ("seconds_regions", pa.float64()), ("seconds_outputs", pa.float64()),
+        ("seconds_evaluate", pa.float64()),
+        ("config_hash", pa.string()), ("seed", pa.int64()), ("image", pa.string()),
+        ("prompt", pa.string()), ("source", pa.string()), ("target_box", pa.string()),
+        ("row", pa.int64()),
+        *[(metric, pa.float64()) for metric in METRICS],
+        ("metrics_missing", pa.string()), ("metrics_weights", pa.string()),
+    ]
+)
+INDEX_COLUMNS = SCHEMA.names
+
+
+def new_run_id() -> str:
+    """A run id that sorts by start time (UTC, then random): the newest run's parts win."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def _join(folder: str, *parts: str) -> str:
+    return posixpath.join(folder, *parts) if folder else posixpath.join(*parts)
+
+
+def part_path(folder: str, run_id: str, part: str) -> str:
+    return _join(folder, PARTS, f"run={run_id}", f"{part}.parquet")
+
+
+def index_row(state: dict, config: Config) -> dict[str, Any]:
+    """The index record of one row's final state (what the index needs, nothing more)."""
+    row = state["row"]
+    result = state.get("result") or {}
+    scores = result.get("scores") or {}
+    chosen = result.get("chosen")
+    selection = result.get("selection") or []
+    seconds = state.get("seconds", {})
+    evaluation = state.get("evaluation") or {}
+    metrics = evaluation.get("metrics") or {}
+    missing = dict(evaluation.get("missing") or {})
+    if state.get("evaluation_error"):
+        missing = {m: state["evaluation_error"] for m in METRICS}
+    box = state.get("box")
+    target = row.get("target_box")
+    ok = state["status"] == "ok"
+    return {
+        "id": row["id"],
+        "status": "ok" if ok else "error",
+        "error": state.get("error"),
+        "final_path": state.get("final_path"),
+        "box": ",".join(str(v) for v in box) if box else None,
+        "text_sim": scores.get("text_sim"),
+        "image_sim": scores.get("image_sim"),
+        "loss": result.get("loss"),
+        "selection_score": selection[chosen] if chosen is not None else None,
+        "editor_requests": result.get("editor_requests"),
+        "reused": bool(state.get("reused")),
+        "seconds_ingest": seconds.get("ingest"),
+        "seconds_features": seconds.get("features"),
+        "seconds_regions": seconds.get("regions"),
+        "seconds_outputs": seconds.get("select+outputs"),
+        "seconds_evaluate": seconds.get("evaluate"),
+        "config_hash": config.digest(),
+        "seed": row["seed"] if row.get("seed") is not None else config.seed,
+        "image": row["image"],
+        "prompt": row["prompt"],
+        "source": row.get("source"),
+        "target_box": ",".join(str(v) for v in target) if target else None,
+        "row": row["row"],
+        **{m: _number(metrics.get(m)) for m in METRICS},
+        "metrics_missing": json.dumps(missing) if ok else None,
+        "metrics_weights": evaluation.get("weights"),
+    }
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def table(states: list[dict], config: Config) -> pa.Table:
+    return pa.Table.from_pylist([index_row(s, config) for s in states], schema=SCHEMA)
+
+
+def write_part(store: Store, folder: str, run_id: str, part: str, states: list[dict],
+               config: Config) -> None:
+    """Write the index rows of ``states`` (rows that have been through every stage)."""
+    buffer = pa.BufferOutputStream()
+    pq.write_table(table(states, config), buffer)
+    store.write_bytes(part_path(folder, run_id, part), buffer.getvalue().to_pybytes())
+
+
+def _runs(store: Store, folder: str) -> list[str]:
+    """Run ids with parts under ``folder``, oldest first."""
+    return [name.removeprefix("run=") for name in store.listdir(_join(folder, PARTS))
+            if name.startswith("run=")]
+
+
+def _parts(store: Store, folder: str, run_id: str) -> list[str]:
+    run = _join(folder, PARTS, f"run={run_id}")
+    return [f"{run}/{name}" for name in store.listdir(run)
+            if name.endswith(".parquet") and not name.startswith(".")]
+
+
+def _read(store: Store, rel: str) -> pa.Table:
+    return pq.read_table(pa.BufferReader(store.read_bytes(rel)), schema=SCHEMA)
+
+
+def read_index(store: Store, folder: str = ""):
+    """Every row's latest index record as a pandas DataFrame (manifest order): the last merged
+    ``index.parquet`` overlaid with the parts of unfinished runs, newest run first. Readable at
+    any moment, also while a run is writing parts. Raises FileNotFoundError when there is
+    neither an index nor any part."""
+    tables = []
+    for run_id in reversed(_runs(store, folder)):
+        tables += [_read(store, rel) for rel in _parts(store, folder, run_id)]
+    if store.exists(_join(folder, INDEX)):
+        tables.append(_read(store, _join(folder, INDEX)))
+    if not tables:
+        raise FileNotFoundError(f"no {INDEX} and no index parts in {store.url_of(folder)}")
+    frame = pa.concat_tables(tables).to_pandas()
+    frame = frame.drop_duplicates("id", keep="first")  # newest run first
+    return frame.sort_values("row", kind="stable").reset_index(drop=True)
+
+
+def merge(store: Store, folder: str, run_id: str) -> int:
+    """Stream the parts of ``run_id`` (in part-name order) into ``<folder>/index.parquet``, then
+    remove every run's parts (older runs' rows are all in this run's parts). Returns the number
+    of rows written."""
+    rows = 0
+    with store.open_write(_join(folder, INDEX)) as handle, pq.ParquetWriter(
+        handle, SCHEMA
+    ) as writer:
+        for rel in _parts(store, folder, run_id):
+            part = _read(store, rel)
+            writer.write_table(part)
+            rows += part.num_rows
+        if rows == 0:
+            writer.write_table(SCHEMA.empty_table())
+    store.remove_tree(_join(folder, PARTS))
+    return rows
