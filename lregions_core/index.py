@@ -177,4 +177,8 @@ def merge(store: Store, folder: str, run_id: str) -> int:
         if rows == 0:
             writer.write_table(SCHEMA.empty_table())
     store.remove_tree(_join(folder, PARTS))
+    # A merge killed half-way leaves its temporary file beside the index: gone now.
+    stale = [_join(folder, name) for name in store.listdir(folder)
+             if name.startswith(f".{INDEX}.") and name.endswith(".tmp")]
+    store.remove(stale)
     return rows

@@ -76,6 +76,7 @@ class Store:
                 yield handle
             except BaseException:
                 handle.discard()  # abort: closing would publish what was written so far
+                handle.closed = True  # and nothing left to flush when it is collected
                 raise
             handle.close()
             return

@@ -93,3 +93,88 @@ def render_in_chromium(page_path, screenshot):
         finally:
             browser.close()
     return images, scripts, requests
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, timeout: float, process=None) -> None:
+    """Poll ``url`` until it answers (any HTTP status), failing after ``timeout`` seconds or as
+    soon as ``process`` (the server being waited for) exits."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except OSError:
+            pass
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with {process.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout} s")
+        time.sleep(0.2)
+
+
+def stop(process, grace: float = 10) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds: never leave a server behind."""
+    import subprocess
+
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 API server (moto's server mode) on 127.0.0.1, recording requests, with the
+    environment the batch needs to reach it (``FSSPEC_S3_ENDPOINT_URL`` and dummy credentials).
+    Yields the endpoint URL; fsspec's configuration points s3:// at it for this process too."""
+    import subprocess
+    import sys
+
+    fsspec_config = pytest.importorskip("fsspec.config", reason="fsspec missing")
+    pytest.importorskip("s3fs", reason="s3fs missing (pip install s3fs)")
+    pytest.importorskip("moto.server", reason="moto missing (pip install 'moto[server]')")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "lregions-test", "AWS_SECRET_ACCESS_KEY": "lregions-test",
+           "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, **env, "MOTO_ENABLE_RECORDING": "True"}, stdout=log, stderr=log)
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_conf = fsspec_config.conf.get("s3")
+    try:
+        wait_for_http(f"{endpoint}/moto-api/", 60, server)
+        os.environ.update(env)
+        fsspec_config.conf["s3"] = {"endpoint_url": endpoint}
+        yield endpoint
+    finally:
+        stop(server)
+        log.close()
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if saved_conf is None:
+            fsspec_config.conf.pop("s3", None)
+        else:
+            fsspec_config.conf["s3"] = saved_conf

@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 from conftest import render_in_chromium
 from PIL import Image
 
@@ -128,42 +121,6 @@ def test_changing_proposals_reuses_dino_features(prefect_server, tmp_path):
     assert mtimes(out / "cache" / "features") == features  # reused, not rewritten
     assert set(mtimes(out / "cache" / "regions")) > regions_before  # regions recomputed
     assert not index(out)["reused"].any()
-
-
-def test_killed_run_resumes_without_recomputing_or_losing_items(prefect_server, tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ}
-    env.pop("PREFECT_API_URL", None)  # the child runs on its own temporary server
-    cmd = [sys.executable, "-m", "flows.cli", "edit", str(ORACLE), "--out", str(out),
-           "--preset", "oracle", "--chunk-size", "2"]
-    child = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        if len(list((out / "items").glob("*/result.json"))) >= 3 if out.exists() else False:
-            break
-        if child.poll() is not None:
-            pytest.fail("the batch finished before it could be killed")
-        time.sleep(0.05)
-    else:
-        child.kill()
-        pytest.fail("no item finished in time")
-    os.killpg(child.pid, signal.SIGKILL)
-    child.wait()
-    survivors = {p.parent.name: p.stat().st_mtime_ns for p in (out / "items").glob("*/result.json")}
-    total = len(ORACLE.read_text().splitlines()) - 1
-    assert 3 <= len(survivors) < total
-
-    assert run_cli(str(ORACLE), "--out", str(out), "--preset", "oracle", "--chunk-size", "2") == 0
-    table = index(out)
-    assert len(table) == total and (table["status"] == "ok").all()
-    reused = set(table.loc[table["reused"], "id"])
-    assert set(survivors) <= reused  # no finished item recomputed
-    for item_id, stamp in survivors.items():
-        assert (out / "items" / item_id / "result.json").stat().st_mtime_ns == stamp
-    for row in table.itertuples():  # every item complete and readable
-        Image.open(out / row.final_path).load()
-    shutil.rmtree(out)
 
 
 def test_prefect_yaml_deployments_point_at_the_flow():
