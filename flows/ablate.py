@@ -101,9 +101,11 @@ def ablate(
         config = make_config(preset or grid.get("preset", "default"),
                              {**grid.get("set", {}), **cell_overrides(cell)}, sets or [])
         name = cell_id(cell)
-        folder, run_id = f"cells/{name}", index.new_run_id()
+        folder = f"cells/{name}"
+        run_id, done = index.begin_run(store, folder,
+                                       index.fingerprint(rows, config, chunk_size=chunk_size))
         run_chunks(rows, config, out, run_id=run_id, folder=folder, items=f"{folder}/items",
-                   chunk_size=chunk_size)
+                   chunk_size=chunk_size, done_parts=done)
         index.merge(store, folder, run_id)
         frame = index.read_index(store, folder)
         ok = frame[frame["status"] == "ok"]

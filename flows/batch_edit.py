@@ -18,13 +18,14 @@ from lregions_core.config import make_config
 from lregions_core.manifest import read_manifest
 from lregions_core.store import Store
 
-# Called once per finished row (ok or failed) with its state: the command line's progress bar.
+# Called with the number of rows that just finished (ok or failed): the command line's progress
+# bar. (Flow parameters must be plain data, so a callback cannot be one.)
 PROGRESS: list = []
 
 
-def _on_row(state: dict) -> None:
+def advance(rows: int) -> None:
     for callback in PROGRESS:
-        callback(state)
+        callback(rows)
 
 
 def summarise(counts: Counter, started: float) -> dict:
@@ -48,10 +49,12 @@ def batch_edit(
     started = time.perf_counter()
     config = make_config(preset, {"mode": mode} if mode else None, sets or [])
     rows = read_manifest(manifest)
-    run_id = index.new_run_id()
-    counts = run_chunks(rows, config, out, run_id=run_id, chunk_size=chunk_size,
-                        evaluate=evaluate, on_row=_on_row)
     store = Store(out)
+    # A run killed earlier with the same rows and settings is resumed: its parts are kept.
+    run_id, done = index.begin_run(
+        store, "", index.fingerprint(rows, config, chunk_size=chunk_size, evaluate=evaluate))
+    counts = run_chunks(rows, config, out, run_id=run_id, chunk_size=chunk_size,
+                        evaluate=evaluate, done_parts=done, on_rows=advance)
     index.merge(store, "", run_id)
     summary = {**summarise(counts, started), "index": store.url_of(index.INDEX)}
     if report:

@@ -9,7 +9,8 @@ Why stage by stage: a task is submitted only when its input is ready (the previo
 chunk has finished), so no worker thread sits waiting on another future, and the GPU stage is
 held to ``gpu_slots`` chunks at a time per process while ingest, features and outputs of other
 chunks go on beside it. Stages with nothing to do for a chunk (every row reused or failed) are
-skipped, so a rerun that reuses everything costs one ingest task per chunk.
+skipped, so a rerun that reuses everything costs one ingest task per chunk; and a chunk whose
+part a resumed run had already written (``done_parts``) is not run at all.
 """
 
 from __future__ import annotations
@@ -65,11 +66,13 @@ def run_chunks(
     evaluate: bool = True,
     window: int = WINDOW,
     gpu_slots: int = 1,
-    on_row: Callable[[dict], None] | None = None,
+    done_parts: set[str] | frozenset[str] = frozenset(),
+    on_rows: Callable[[int], None] | None = None,
 ) -> Counter:
     """Every stage over ``rows`` in chunks of ``chunk_size``; each finished chunk's index part
-    goes to ``<folder>/index-parts/run=<run_id>/<part_prefix><chunk>.parquet``. ``on_row`` is
-    called once per row as it finishes (ok or failed). Returns counts: rows, ok, failed, reused.
+    goes to ``<folder>/index-parts/run=<run_id>/<part_prefix><chunk>.parquet``, and chunks
+    whose part is in ``done_parts`` are skipped. ``on_rows(n)`` is called as rows finish (ok
+    or failed). Returns counts: rows, ok, failed, reused.
     """
     store, settings = Store(out), config.to_dict()
     names = [n for n in STAGE_TASKS if evaluate or n != "evaluate"]
@@ -112,11 +115,11 @@ def run_chunks(
                       reused=sum(bool(s.get("reused")) for s in states))
 
     def report(states: list[dict]) -> None:
-        for state in states:
-            if state["status"] != "pending" and not state.get("reported"):
-                state["reported"] = True
-                if on_row is not None:
-                    on_row(state)
+        finished = [s for s in states if s["status"] != "pending" and not s.get("reported")]
+        for state in finished:
+            state["reported"] = True
+        if finished and on_rows is not None:
+            on_rows(len(finished))
 
     def admit() -> None:
         while len(book.in_flight) < window:
@@ -124,6 +127,13 @@ def run_chunks(
             if start is None:
                 return
             chunk = start // chunk_size
+            part = f"{part_prefix}{chunk:06d}"
+            if part in done_parts:  # written by the run this one resumes
+                done = index.part_counts(store, folder, run_id, part)
+                counts.update(done)
+                if on_rows is not None:
+                    on_rows(done["rows"])
+                continue
             book.in_flight[chunk] = [new_state(row) for row in rows[start : start + chunk_size]]
             submit(chunk, 0)
 

@@ -34,10 +34,7 @@ def new_state(row: ManifestRow) -> dict:
 
 
 def row_of(state: dict) -> ManifestRow:
-    record = dict(state["row"])
-    if record.get("target_box") is not None:
-        record["target_box"] = tuple(record["target_box"])
-    return ManifestRow(**record)
+    return ManifestRow.from_record(state["row"])
 
 
 def run_stage(states: list[dict], stage: str, work: Work) -> list[dict]:

@@ -7,6 +7,9 @@ Layout, under the folder that holds ``index.parquet`` (the output folder, or an 
   leaves a readable index of every row it finished. Part names sort in manifest order.
 - ``index.parquet``: when a run ends, its parts are merged (streamed, one part in memory at a
   time) into this file, written atomically, and the parts folder is removed.
+- ``index-parts/run=<run id>/run.json``: the run's fingerprint (manifest rows, settings, how
+  rows are cut into parts). A later run with the same fingerprint *resumes* that run
+  (:func:`begin_run`): parts it already wrote are kept and their rows are not processed again.
 
 :func:`read_index` gives the latest word on every row: ``index.parquet`` overlaid with the rows
 of any parts left by runs that did not finish (the newest run wins). Every part has the same
@@ -15,10 +18,12 @@ Arrow schema (:data:`SCHEMA`), so parts of any run always merge.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import secrets
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -30,6 +35,7 @@ from lregions_core.store import Store
 
 PARTS = "index-parts"
 INDEX = "index.parquet"
+RUN_RECORD = "run.json"
 
 SCHEMA = pa.schema(
     [
@@ -62,6 +68,51 @@ def _join(folder: str, *parts: str) -> str:
 
 def part_path(folder: str, run_id: str, part: str) -> str:
     return _join(folder, PARTS, f"run={run_id}", f"{part}.parquet")
+
+
+def fingerprint(rows: Iterable[Any], config: Config, **layout: Any) -> str:
+    """What makes two runs the same work: the manifest rows (``ManifestRow``), every setting,
+    the library version and how rows are cut into parts (``layout``: chunk size, shard size)."""
+    from lregions_core.stages import library_version
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps([config.digest(), library_version(), layout], sort_keys=True,
+                             default=str).encode())
+    for row in rows:
+        digest.update(json.dumps(row.to_record(), sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def begin_run(store: Store, folder: str, fingerprint: str) -> tuple[str, set[str]]:
+    """The run to write parts into: the newest unfinished run with this fingerprint (a run that
+    was killed, or whose workers were lost), else a new one. Returns its id and the names of
+    the parts it has already written (their rows are done)."""
+    for run_id in reversed(_runs(store, folder)):
+        try:
+            record = store.read_json(_join(folder, PARTS, f"run={run_id}", RUN_RECORD))
+        except (OSError, ValueError):
+            continue
+        if record.get("fingerprint") == fingerprint:
+            return run_id, part_names(store, folder, run_id)
+    run_id = new_run_id()
+    store.write_json(_join(folder, PARTS, f"run={run_id}", RUN_RECORD),
+                     {"fingerprint": fingerprint, "started": time.time()})
+    return run_id, set()
+
+
+def part_names(store: Store, folder: str, run_id: str) -> set[str]:
+    """Names (without ``.parquet``) of the parts ``run_id`` has written so far."""
+    return {posixpath.basename(rel).removesuffix(".parquet")
+            for rel in _parts(store, folder, run_id)}
+
+
+def part_counts(store: Store, folder: str, run_id: str, part: str) -> dict[str, int]:
+    """rows, ok, failed and reused of one written part."""
+    table = _read(store, part_path(folder, run_id, part)).select(["status", "reused"])
+    status, reused = table.column("status").to_pylist(), table.column("reused").to_pylist()
+    ok = sum(s == "ok" for s in status)
+    return {"rows": len(status), "ok": ok, "failed": len(status) - ok,
+            "reused": sum(bool(r) for r in reused)}
 
 
 def index_row(state: dict, config: Config) -> dict[str, Any]:

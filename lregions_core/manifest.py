@@ -70,6 +70,12 @@ class ManifestRow:
         box = list(self.target_box) if self.target_box is not None else None
         return {**dataclasses.asdict(self), "target_box": box}
 
+    @classmethod
+    def from_record(cls, record: dict) -> ManifestRow:
+        """The inverse of :meth:`to_record` (rows travel between processes as records)."""
+        box = record.get("target_box")
+        return cls(**{**record, "target_box": tuple(box) if box is not None else None})
+
 
 def _read_text(path: str) -> str:
     """Whole manifest as text; every way of failing becomes a ManifestError."""

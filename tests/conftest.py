@@ -95,51 +95,6 @@ def render_in_chromium(page_path, screenshot):
     return images, scripts, requests
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, timeout: float, process=None) -> None:
-    """Poll ``url`` until it answers (any HTTP status), failing after ``timeout`` seconds or as
-    soon as ``process`` (the server being waited for) exits."""
-    import time
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return  # it answered
-        except OSError:
-            pass
-        if process is not None and process.poll() is not None:
-            raise RuntimeError(f"the server for {url} exited with {process.returncode}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout} s")
-        time.sleep(0.2)
-
-
-def stop(process, grace: float = 10) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds: never leave a server behind."""
-    import subprocess
-
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A real S3 API server (moto's server mode) on 127.0.0.1, recording requests, with the
@@ -147,6 +102,8 @@ def s3_server(tmp_path_factory):
     Yields the endpoint URL; fsspec's configuration points s3:// at it for this process too."""
     import subprocess
     import sys
+
+    from servers import free_port, stop, wait_for_http
 
     fsspec_config = pytest.importorskip("fsspec.config", reason="fsspec missing")
     pytest.importorskip("s3fs", reason="s3fs missing (pip install s3fs)")
@@ -158,7 +115,8 @@ def s3_server(tmp_path_factory):
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **env, "MOTO_ENABLE_RECORDING": "True"}, stdout=log, stderr=log)
+        env={**os.environ, **env, "MOTO_ENABLE_RECORDING": "True"}, stdout=log, stderr=log,
+        start_new_session=True)
     saved_env = {k: os.environ.get(k) for k in env}
     saved_conf = fsspec_config.conf.get("s3")
     try:

@@ -137,9 +137,10 @@ def test_prefect_yaml_deployments_point_at_the_flow():
         path, _, func = deployment["entrypoint"].partition(":")
         module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
         flow = getattr(module, func)
-        assert set(deployment["parameters"]) <= set(flow.parameters.properties)
-        if "manifest" in deployment["parameters"]:
-            assert (ROOT / deployment["parameters"]["manifest"]).is_file()
+        parameters = deployment.get("parameters") or {}
+        assert set(parameters) <= set(flow.parameters.properties)
+        if "manifest" in parameters:
+            assert (ROOT / parameters["manifest"]).is_file()
     assert "evaluation-report-nightly" in names
 
 
