@@ -22,6 +22,9 @@ MODES = ("rgn", "exhaustive", "random", "dino-random")
 ANCHOR_RULES = ("nms", "reference")
 ESTIMATORS = ("memo-expectation", "reinforce")
 KEEP_CANDIDATES = ("all", "chosen", "none")
+# "default": the editor model's own scheduler (PNDM for SD 2 inpainting, the aMUSEd scheduler);
+# "dpm-solver++": DPM-Solver++ (2M, multistep), which needs fewer steps (SD inpainting only).
+EDITOR_SCHEDULERS = ("default", "dpm-solver++")
 
 
 class ConfigError(ValueError):
@@ -51,7 +54,17 @@ class Config:
     guidance_scale: float = 7.5
     prompt_template: str = "a high quality image of {prompt}."
     editor_kwargs: dict = field(default_factory=dict)  # tiny: in-code architecture settings
-    edit_batch: int = 4  # requests per editor forward pass
+    editor_scheduler: str = "default"  # one of EDITOR_SCHEDULERS
+    # Requests per editor forward pass (the UNet sees twice as many with guidance). 9 = every box
+    # one learning iteration of the default 9 anchors needs, in one batch. When the GPU runs out
+    # of memory the editor halves it and retries (and says so); lower it for small cards.
+    edit_batch: int = 9
+    # Encode and decode one image at a time in the VAE, so its memory does not grow with
+    # edit_batch (the VAE decoder's activations at 512 px are the largest of the editor).
+    vae_slicing: bool = True
+    # torch.compile the editor's denoiser (SD's UNet, aMUSEd's transformer): compiles once per
+    # process (minutes) and again for new shapes; pays off over many photos on a GPU.
+    compile_unet: bool = False
 
     # --- working image --------------------------------------------------------------------------
     work_size: int = 512  # longer side of the image the editor works on (aspect kept)
@@ -124,6 +137,11 @@ class Config:
             (self.tau > 0, "tau must be > 0"),
             (self.select_top_k >= 1, "select_top_k must be >= 1"),
             (self.clip_views >= 1, "clip_views must be >= 1"),
+            (self.edit_batch >= 1, "edit_batch must be >= 1"),
+            (
+                self.editor_scheduler in EDITOR_SCHEDULERS,
+                f"editor_scheduler must be one of {EDITOR_SCHEDULERS}, got {self.editor_scheduler!r}",
+            ),
             (self.feather >= 0, "feather must be >= 0"),
             (self.work_size >= self.work_multiple > 0, "need work_size >= work_multiple > 0"),
             ("{prompt}" in self.prompt_template, "prompt_template must contain {prompt}"),

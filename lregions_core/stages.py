@@ -46,6 +46,7 @@ FEATURE_SETTINGS = (
 REGION_SETTINGS = FEATURE_SETTINGS + (
     "scorer", "clip_model", "clip_pretrained", "clip_kwargs", "clip_views",
     "clip_structure_layer", "editor", "editor_model", "editor_steps", "guidance_scale",
+    "editor_scheduler",
     "prompt_template", "editor_kwargs", "num_anchors", "anchor_rule", "anchor_spread",
     "num_proposals", "proposal_min", "proposal_max", "mode", "roi_size", "rgn_hidden",
     "iterations", "lr", "tau", "estimator", "w_clip", "w_dir", "w_str",
@@ -56,7 +57,9 @@ OUTPUT_SETTINGS = ("feather", "keep_candidates")
 # written in an older layout are written again (features and regions are reused).
 ITEM_LAYOUT = 2
 # Settings that change where or how fast work runs, not its result.
-OPERATIONAL_SETTINGS = ("device", "dtype", "weights_dir", "edit_batch", "seed")
+OPERATIONAL_SETTINGS = (
+    "device", "dtype", "weights_dir", "edit_batch", "vae_slicing", "compile_unet", "seed",
+)
 STAGE_SETTINGS = {
     "features": FEATURE_SETTINGS,
     "regions": REGION_SETTINGS,

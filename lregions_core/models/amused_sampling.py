@@ -21,7 +21,10 @@ AESTHETIC_SCORE = 6  # the pipeline's default micro-conditioning
 TEMPERATURE = (2, 0)  # the pipeline's default sampling temperature schedule
 
 
-def _encode_text(pipe: Any, texts: list[str], device: torch.device) -> tuple[torch.Tensor, ...]:
+def encode_text(
+    pipe: Any, texts: list[str], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled (n, D), penultimate hidden states (n, 77, D)): the pipeline's text conditioning."""
     ids = pipe.tokenizer(
         texts,
         return_tensors="pt",
@@ -50,20 +53,22 @@ def amused_inpaint(
     pipe: Any,
     images: Sequence[Image.Image],
     masks: Sequence[Image.Image],
-    prompts: Sequence[str],
+    text: tuple[torch.Tensor, torch.Tensor],
+    negative: tuple[torch.Tensor, torch.Tensor] | None,
     generators: Sequence[torch.Generator],
     num_inference_steps: int,
     guidance_scale: float,
 ) -> list[Image.Image]:
-    """Repaint the white (255) part of each mask; all images share one size."""
+    """Repaint the white (255) part of each mask; all images share one size. ``text`` and
+    ``negative`` are :func:`encode_text` of the prompts and of empty prompts (one row per
+    image); ``negative`` None means no classifier-free guidance."""
     device = pipe._execution_device
-    batch = len(prompts)
-    pooled, hidden = _encode_text(pipe, list(prompts), device)
-    guided = guidance_scale > 1.0
+    batch = len(images)
+    pooled, hidden = text
+    guided = negative is not None
     if guided:
-        neg_pooled, neg_hidden = _encode_text(pipe, [""] * batch, device)
-        pooled = torch.cat([neg_pooled, pooled])
-        hidden = torch.cat([neg_hidden, hidden])
+        pooled = torch.cat([negative[0], pooled])
+        hidden = torch.cat([negative[1], hidden])
 
     pixels = pipe.image_processor.preprocess(list(images))
     height, width = pixels.shape[-2:]

@@ -9,13 +9,22 @@ fills it). With ``random_weights`` the pipeline is built in code instead, with
 ``editor_kwargs["architecture"]`` = ``"tiny"`` (tests) or ``"full"`` (the real architecture, the
 default, for benchmarks); see :mod:`lregions_core.models.editor_components`.
 
+Speed and memory: each distinct prompt is encoded once per editor (alone, so its embedding does
+not depend on its batch-mates either); requests go to the model ``edit_batch`` at a time, in
+equal parts; when the GPU runs out of memory the batch is halved and retried, and with one image
+per batch the error says what to set. ``editor_scheduler`` and ``compile_unet`` give a pipeline
+object of its own over the same weights (see :func:`editor_pipeline`).
+
 SD's safety checker is not loaded: it is not part of the method, and it would blank images.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,8 +38,13 @@ from lregions_core.models.runtime import resolve_device, resolve_dtype
 from lregions_core.models.weights import WeightsUnavailableError, local_path
 from lregions_core.registry import EDITORS
 
-# diffusers pipelines keep per-call state on the scheduler: one call at a time per pipeline.
-_RUN_LOCKS: dict[int, threading.Lock] = {}
+logger = logging.getLogger(__name__)
+
+# diffusers pipelines keep per-call state on the scheduler, and the editors set attention and
+# VAE slicing on shared modules per call: one call at a time per loaded weights (GPU work is
+# serial anyway). Keyed by the weights' cache key.
+_RUN_LOCKS: dict[str, threading.Lock] = {}
+PROMPT_CACHE_SIZE = 64  # text embeddings kept per editor (SD 2: 77 x 1024 values each)
 
 
 def _architecture(config: Config) -> str:
@@ -105,8 +119,9 @@ _BUILDERS: dict[str, Callable[[Config], Any]] = {
 
 
 def editor_pipeline(config: Config) -> Any:
-    """The diffusers pipeline for ``config.editor``, loaded once per process and settings."""
-    return _load_pipeline(_cache_key(config))
+    """The diffusers pipeline for ``config.editor``: weights loaded once per process and settings,
+    with the scheduler and compiled denoiser ``config`` asks for on top (sharing the weights)."""
+    return _pipeline_view(_cache_key(config), config.editor_scheduler, config.compile_unet)
 
 
 @load_once()
@@ -121,17 +136,61 @@ def _load_pipeline(key: str) -> Any:
     return pipe
 
 
+def _denoiser_name(pipe: Any) -> str:
+    return "unet" if hasattr(pipe, "unet") else "transformer"  # SD / aMUSEd
+
+
+def _unwrap(module: Any) -> Any:
+    """The module itself, also when ``torch.compile`` wrapped it."""
+    return getattr(module, "_orig_mod", module)
+
+
+@load_once(maxsize=8)
+def _pipeline_view(key: str, scheduler: str, compile_denoiser: bool) -> Any:
+    """The loaded pipeline, or a new pipeline object over the same modules with another scheduler
+    (schedulers keep per-call state, so it must not be swapped on a shared pipeline) and/or a
+    compiled denoiser (compiled once per process: the compiled code is what takes minutes)."""
+    base = _load_pipeline(key)
+    if scheduler == "default" and not compile_denoiser:
+        return base
+    components = dict(base.components)
+    if scheduler == "dpm-solver++":
+        if "unet" not in components:
+            raise ValueError("editor_scheduler='dpm-solver++' applies to sd-inpaint only")
+        from diffusers import DPMSolverMultistepScheduler
+
+        components["scheduler"] = DPMSolverMultistepScheduler.from_config(
+            base.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
+        )
+    if compile_denoiser:
+        name = _denoiser_name(base)
+        components[name] = torch.compile(components[name])
+    extra = {"requires_safety_checker": False} if "safety_checker" in components else {}
+    view = type(base)(**components, **extra)
+    view.set_progress_bar_config(disable=True)
+    return view
+
+
 def clear_pipeline_cache() -> None:
     """Forget every loaded pipeline (frees memory once no editor holds them)."""
+    _pipeline_view.cache_clear()
     _load_pipeline.cache_clear()
     _RUN_LOCKS.clear()
 
 
+class EditorOutOfMemoryError(RuntimeError):
+    """The GPU ran out of memory with one image per batch: only other settings can help."""
+
+
 # ----------------------------------------------------------------------------------------------
 class DiffusersEditor:
-    """Shared request handling: validation, grouping by size, batching, per-request seeds."""
+    """Shared request handling: validation, grouping by size, batching, per-request seeds,
+    prompt embeddings encoded once, and smaller batches when the GPU runs out of memory."""
 
     name = "diffusers"
+    # Levers the benchmark switches off to measure them (the defaults are what pays):
+    attention = "sdpa"  # PyTorch's fused scaled-dot-product attention; "eager": matmul+softmax
+    reuse_prompt_embeddings = True  # False: the text encoder runs on every call (diffusers' way)
 
     def __init__(self, config: Config, pipeline: Any, multiple: int) -> None:
         self.steps_per_call = config.editor_steps
@@ -139,7 +198,11 @@ class DiffusersEditor:
         self.pipeline = pipeline
         self.multiple = multiple  # width and height must be multiples of this (latent grid)
         self.device = resolve_device(config)
-        self._lock = _RUN_LOCKS.setdefault(id(pipeline), threading.Lock())
+        self.batch_limit = config.edit_batch  # halved when the GPU runs out of memory
+        # One lock per loaded weights: every view of them shares modules whose settings
+        # (attention, VAE slicing) and schedulers are set per call.
+        self._lock = _RUN_LOCKS.setdefault(_cache_key(config), threading.Lock())
+        self._embeddings: OrderedDict[str, Any] = OrderedDict()
 
     def edit(self, requests: Sequence[EditRequest]) -> list[Image.Image]:
         """One RGB image per request, each the size of its request's image, in order."""
@@ -149,18 +212,71 @@ class DiffusersEditor:
         for index, request in enumerate(requests):
             groups.setdefault(request.image.size, []).append(index)
         results: list[Image.Image | None] = [None] * len(requests)
-        batch = max(1, self.config.edit_batch)
         with self._lock, torch.inference_mode():
+            self._configure_modules()
             for (width, height), indices in groups.items():
-                for start in range(0, len(indices), batch):
-                    chunk = indices[start : start + batch]
-                    outputs = self._run([requests[i] for i in chunk], width, height)
+                pending = list(indices)
+                while pending:
+                    chunk = pending[: self._chunk_size(len(pending))]
+                    outputs = self._run_fitting([requests[i] for i in chunk], width, height)
+                    if outputs is None:  # out of memory: batch_limit was halved, try again
+                        continue
                     for i, image in zip(chunk, outputs):
                         results[i] = image.convert("RGB")
+                    pending = pending[len(chunk) :]
         missing = [i for i, image in enumerate(results) if image is None]
         if missing:  # a pipeline returned fewer images than it was given
             raise RuntimeError(f"{self.name} returned no image for requests {missing}")
         return results  # type: ignore[return-value]
+
+    def _chunk_size(self, count: int) -> int:
+        """Requests in the next batch: at most ``batch_limit``, in equal parts (10 at a limit of
+        9 are 5 + 5, not 9 + 1: no nearly empty batch that leaves the GPU idle, and a lower
+        memory peak)."""
+        limit = max(1, self.batch_limit)
+        return math.ceil(count / math.ceil(count / limit))
+
+    def _run_fitting(
+        self, requests: Sequence[EditRequest], width: int, height: int
+    ) -> list[Image.Image] | None:
+        """``_run``, or None after halving ``batch_limit`` when the GPU ran out of memory."""
+        try:
+            return self._run(requests, width, height)
+        except torch.OutOfMemoryError as exc:
+            detail = str(exc).split(".")[0]
+        # Handled here, after the except block: the exception's frames (holding the failed
+        # batch's tensors) are released before the retry allocates again.
+        if len(requests) <= 1:
+            raise EditorOutOfMemoryError(
+                f"{self.name}: out of GPU memory editing one {width}x{height} image "
+                f"(edit_batch is already down to 1). Lower work_size, use dtype=float16 or "
+                f"bfloat16, keep vae_slicing=true, or free the GPU of other processes. "
+                f"({detail})"
+            )
+        self.batch_limit = max(1, len(requests) // 2)
+        logger.warning(
+            "%s: out of GPU memory with %d images per batch at %dx%d; retrying with %d "
+            "(set edit_batch=%d to start there)",
+            self.name, len(requests), width, height, self.batch_limit, self.batch_limit,
+        )
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return None
+
+    def _configure_modules(self) -> None:
+        """Apply this editor's attention and VAE-slicing choice to the shared modules."""
+        denoiser = _unwrap(getattr(self.pipeline, _denoiser_name(self.pipeline)))
+        if getattr(denoiser, "_lregions_attention", "sdpa") != self.attention:
+            from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+            kinds = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
+            if self.attention not in kinds:
+                raise ValueError(f"attention must be one of {sorted(kinds)}, got {self.attention!r}")
+            denoiser.set_attn_processor(kinds[self.attention]())
+            denoiser._lregions_attention = self.attention
+        vae = getattr(self.pipeline, "vae", None)
+        if vae is not None and hasattr(vae, "use_slicing"):
+            vae.use_slicing = self.config.vae_slicing
 
     def _check(self, request: EditRequest) -> None:
         width, height = request.image.size
@@ -181,6 +297,24 @@ class DiffusersEditor:
         ]
         return images, masks, prompts, generators
 
+    def _text_embeddings(self, texts: Sequence[str]) -> list[Any]:
+        """Each text's embedding, cached. A text is encoded alone, so its embedding never
+        depends on what else is in the batch (nor does the edit)."""
+        found: dict[str, Any] = {}
+        for text in dict.fromkeys(texts):
+            if text in self._embeddings:
+                self._embeddings.move_to_end(text)
+                found[text] = self._embeddings[text]
+            else:
+                found[text] = self._encode_text(text)
+        self._embeddings.update(found)
+        while len(self._embeddings) > PROMPT_CACHE_SIZE:
+            self._embeddings.popitem(last=False)
+        return [found[text] for text in texts]
+
+    def _encode_text(self, text: str) -> Any:
+        raise NotImplementedError
+
     def _run(self, requests: Sequence[EditRequest], width: int, height: int) -> list[Image.Image]:
         raise NotImplementedError
 
@@ -190,10 +324,20 @@ class SDInpaintEditor(DiffusersEditor):
 
     name = "sd-inpaint"
 
+    def _encode_text(self, text: str) -> torch.Tensor:
+        device = self.pipeline._execution_device
+        return self.pipeline.encode_prompt(text, device, 1, False)[0]  # (1, 77, D)
+
     def _run(self, requests: Sequence[EditRequest], width: int, height: int) -> list[Image.Image]:
         images, masks, prompts, generators = self._inputs(requests)
+        text: dict[str, Any] = {"prompt": prompts}
+        if self.reuse_prompt_embeddings:
+            text = {"prompt_embeds": torch.cat(self._text_embeddings(prompts))}
+            if self.config.guidance_scale > 1.0:  # diffusers' condition for guidance
+                empty = self._text_embeddings([""] * len(prompts))
+                text["negative_prompt_embeds"] = torch.cat(empty)
         return self.pipeline(
-            prompt=prompts,
+            **text,
             image=images,
             mask_image=masks,
             height=height,
@@ -211,15 +355,30 @@ class AmusedEditor(DiffusersEditor):
 
     name = "amused"
 
+    def _encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from lregions_core.models.amused_sampling import encode_text
+
+        return encode_text(self.pipeline, [text], self.pipeline._execution_device)
+
+    def _texts(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from lregions_core.models.amused_sampling import encode_text
+
+        if not self.reuse_prompt_embeddings:
+            return encode_text(self.pipeline, texts, self.pipeline._execution_device)
+        pooled, hidden = zip(*self._text_embeddings(texts))
+        return torch.cat(pooled), torch.cat(hidden)
+
     def _run(self, requests: Sequence[EditRequest], width: int, height: int) -> list[Image.Image]:
         from lregions_core.models.amused_sampling import amused_inpaint
 
         images, masks, prompts, generators = self._inputs(requests)
+        guided = self.config.guidance_scale > 1.0
         return amused_inpaint(
             self.pipeline,
             images,
             masks,
-            prompts,
+            self._texts(prompts),
+            self._texts([""] * len(prompts)) if guided else None,
             generators,
             num_inference_steps=self.config.editor_steps,
             guidance_scale=self.config.guidance_scale,
@@ -229,13 +388,15 @@ class AmusedEditor(DiffusersEditor):
 @EDITORS.register("sd-inpaint")
 def build_sd_inpaint(config: Config) -> SDInpaintEditor:
     """Stable Diffusion inpainting (default: SD 2 inpainting), one pipeline per process."""
-    pipe = editor_pipeline(config.replace(editor="sd-inpaint"))
+    config = config.replace(editor="sd-inpaint")
+    pipe = editor_pipeline(config)
     return SDInpaintEditor(config, pipe, multiple=int(pipe.vae_scale_factor))
 
 
 @EDITORS.register("amused")
 def build_amused(config: Config) -> AmusedEditor:
     """aMUSEd inpainting (default preset: amused/amused-512), one pipeline per process."""
-    pipe = editor_pipeline(config.replace(editor="amused"))
+    config = config.replace(editor="amused")
+    pipe = editor_pipeline(config)
     down = 2 if pipe.transformer.config.downsample else 1  # the transformer halves the grid again
     return AmusedEditor(config, pipe, multiple=int(pipe.vae_scale_factor) * down)
