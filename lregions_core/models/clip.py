@@ -168,6 +168,10 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class ClipScorer:
     """A :class:`~lregions_core.interfaces.Scorer` over an open_clip ViT."""
 
+    # Resize and augment on the model's device (on a GPU this keeps 16 views x candidates of
+    # CPU image warping off the critical path); False: on the CPU, a benchmark lever.
+    augment_on_device = True
+
     def __init__(self, config: Config) -> None:
         self.config = config
         self.bundle = load_clip(_settings_key(config))
@@ -184,6 +188,8 @@ class ClipScorer:
         # The difference of two normalised embeddings below this norm is numerical noise
         # (batch-size dependent kernels), not an edit direction.
         self.zero_delta = 1e-4 if self.input_dtype == torch.float32 else 5e-3
+        self.mean = self.bundle.mean.to(self.device)
+        self.std = self.bundle.std.to(self.device)
         self._augment = self._build_augment()
 
     # --- pixels -----------------------------------------------------------------------------
@@ -222,8 +228,13 @@ class ClipScorer:
             return [self._augment(pixels).clamp_(0.0, 1.0) for _ in range(count)]
 
     def _normalise(self, views: torch.Tensor) -> torch.Tensor:
-        x = (views - self.bundle.mean) / self.bundle.std
-        return x.to(device=self.device, dtype=self.input_dtype)
+        x = (views.to(self.device) - self.mean) / self.std
+        return x.to(dtype=self.input_dtype)
+
+    def _pixels_for_views(self, image: Image.Image) -> torch.Tensor:
+        """:meth:`pixels`, on the device where views are made (see ``augment_on_device``)."""
+        pixels = self.pixels(image)
+        return pixels.to(self.device, non_blocking=True) if self.augment_on_device else pixels
 
     # --- encoders ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -264,7 +275,7 @@ class ClipScorer:
 
     def embed(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """(B, D) full-view embeddings of PIL images: the path source and candidates share."""
-        views = torch.stack([self.full_view(self.pixels(im)) for im in images])
+        views = torch.stack([self.full_view(self._pixels_for_views(im)) for im in images])
         return self.encode_full(views)[0]
 
     # --- Scorer protocol --------------------------------------------------------------------
@@ -274,7 +285,7 @@ class ClipScorer:
         src_text = source_prompt.strip() if source_prompt and source_prompt.strip() else None
         src_text = src_text or NEUTRAL_SOURCE_PROMPT
         text, text_src = self.encode_text([prompt, src_text])
-        embedding, selfsim = self.encode_full(self.full_view(self.pixels(source))[None])
+        embedding, selfsim = self.encode_full(self.full_view(self._pixels_for_views(source))[None])
         return ClipContext(
             prompt=prompt,
             source_prompt=src_text,
@@ -293,7 +304,7 @@ class ClipScorer:
             raise ValueError(f"{len(candidates)} candidates but {len(seeds)} seeds")
         if not candidates:
             return []
-        pixels = [self.pixels(im) for im in candidates]
+        pixels = [self._pixels_for_views(im) for im in candidates]
         full = torch.stack([self.full_view(p) for p in pixels])
         embeddings, selfsims = self.encode_full(full)  # (B, D), (B, N, N)
 
