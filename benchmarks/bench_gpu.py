@@ -271,11 +271,11 @@ def checks_section(args: argparse.Namespace, photo: tuple) -> None:
     full = config.replace(dtype="float32")
     models = Models.load(config)
     (requests,) = anchor_requests(config, models, photo, 1)
-    work, path_prompt, source = requests[0].image, photo[1], photo[2]
+    work, prompt, source = requests[0].image, photo[1], photo[2]
     edited = models.editor.edit(requests)
     rows = []
     gaps = checks.score_gaps(SCORERS.build("clip", full), SCORERS.build("clip", full.replace(
-        dtype=half)), work, edited, path_prompt, source)
+        dtype=half)), work, edited, prompt, source)
     rows += [(f"CLIP {k} ({half} vs float32)", v, checks.CLIP_TOLERANCE[half])
              for k, v in gaps.items()]
     gaps = checks.feature_gaps(FEATURE_EXTRACTORS.build("dino", full),

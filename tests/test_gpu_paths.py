@@ -316,3 +316,21 @@ def test_reference_procedure_call_count(workloads, tmp_path):
     assert run.counts["editor_calls"] == 4 and run.counts["requests"] == 16
     assert run.counts["unet_calls"] == 4 * (STEPS + 1)  # one batch of 4 per call
     assert len(text_batches) == 2 * 4  # the prompt encoded on every call, as diffusers does
+
+
+@pytest.mark.slow
+def test_real_size_editor_paths():
+    """The SD 2 inpainting architecture (random weights) through the new paths: prompt reuse
+    with 1024-wide embeddings, DPM-Solver++, equal batches, FLOPs of the real UNet."""
+    config = make_config("fast", {"random_weights": True, "device": "cpu", "editor_steps": 1,
+                                  "edit_batch": 2})
+    editor = EDITORS.build("sd-inpaint", config)
+    jobs = [request(64, 64, seed=i) for i in range(3)]
+    with counting(editor.pipeline.unet) as unet, counting(editor.pipeline.text_encoder) as text:
+        images = editor.edit(jobs)
+    assert [im.size for im in images] == [(64, 64)] * 3
+    assert unet == [4, 2] and len(text) == 2  # 2 + 1 requests, guided; prompt and "" once each
+    flops = profiling.DenoiserFlops(editor.pipeline.unet)
+    per_sample = flops((torch.empty(1, 9, 8, 8), torch.tensor(999)),
+                       {"encoder_hidden_states": torch.empty(1, 77, 1024)})
+    assert 10e9 < per_sample < 20e9  # 804 GFLOP at 64x64 latents; 8x8 is 1/64 of the pixels
