@@ -206,14 +206,14 @@ def levers_section(args: argparse.Namespace, photo: tuple, rgn_requests: float) 
         print(f"| {name} | {off} | {on} | {off_s:.4f} | {on_s:.4f} | {off_s / on_s:.2f}x "
               f"| {off_gib:.2f} | {on_gib:.2f} |")
     if device.type == "cuda":
-        clip_on_device(config, calls[0])
+        clip_on_device(config, calls[0], device)
     if args.compile == "on" or (args.compile == "auto" and device.type == "cuda"):
         compile_lever(config, calls, device, rgn_requests, args.rounds)
     else:
         print("\ntorch.compile: not measured (--compile on to measure it)")
 
 
-def clip_on_device(config: Any, requests: list) -> None:
+def clip_on_device(config: Any, requests: list, device: torch.device) -> None:
     """CLIP's 16 views per candidate made on the CPU vs on the GPU (scored the same way)."""
     work = requests[0].image
     candidates = [r.image for r in requests]
@@ -223,10 +223,10 @@ def clip_on_device(config: Any, requests: list) -> None:
         scorer.augment_on_device = on_device
         context = scorer.prepare(work, "a photo", None)
         scorer.score(context, candidates[:1], [0])  # warm-up
-        torch.cuda.synchronize()
+        profiling.synchronize(device)
         start = time.perf_counter()
         scorer.score(context, candidates, list(range(len(candidates))))
-        torch.cuda.synchronize()
+        profiling.synchronize(device)
         seconds.append((time.perf_counter() - start) / len(candidates))
     print(f"\nCLIP views made on the CPU: {seconds[0]:.4f} s per candidate; on the GPU: "
           f"{seconds[1]:.4f} ({seconds[0] / seconds[1]:.2f}x)")
@@ -303,7 +303,7 @@ def profile_section(args: argparse.Namespace, photo: tuple, folder: Path, out: P
         time_photo(ours, config, models, PhaseTimer(device), photo, out)
     folder.mkdir(parents=True, exist_ok=True)
     prof.export_chrome_trace(str(folder / "trace.json"))
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"\nProfile of one photo (rgn, default): {folder / 'trace.json'}; top ops by {key}\n")
     print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=40))
 

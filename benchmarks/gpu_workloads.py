@@ -153,11 +153,10 @@ def time_calls(editor: Any, calls: Sequence[Sequence[EditRequest]],
                device: torch.device) -> tuple[float, float]:
     """(seconds per request, peak GiB) of the editor working through ``calls``."""
     profiling.reset_peak_memory(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
+    profiling.synchronize(device)
     start = time.perf_counter()
     for requests in calls:
         editor.edit(requests)
-    sync()
+    profiling.synchronize(device)
     seconds = time.perf_counter() - start
     return seconds / sum(len(c) for c in calls), profiling.peak_memory_gib(device)

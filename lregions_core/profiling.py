@@ -49,6 +49,12 @@ def dense_peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in DENSE_PEAK_TFLOPS if key in name), None)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -61,9 +67,7 @@ class PhaseTimer:
     plus event counters."""
 
     def __init__(self, device: torch.device) -> None:
-        self.sync: Callable[[], None] = (
-            (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        )
+        self.device = device
         self.seconds: Counter[str] = Counter()
         self.counts: Counter[str] = Counter()
         self._stack: list[str] = []
@@ -87,7 +91,7 @@ class PhaseTimer:
         self._deferred.clear()
 
     def push(self, name: str) -> None:
-        self.sync()
+        synchronize(self.device)
         now = time.perf_counter()
         if self._stack:
             self.seconds[self._stack[-1]] += now - self._since
@@ -95,7 +99,7 @@ class PhaseTimer:
         self._since = now
 
     def pop(self) -> None:
-        self.sync()
+        synchronize(self.device)
         now = time.perf_counter()
         self.seconds[self._stack.pop()] += now - self._since
         self._since = now
