@@ -159,8 +159,9 @@ class _Batch:
             timeout=0,  # do not wait: the coordinator follows every shard itself
             flow_run_name=f"{self.run_id}-shard{shard.number:05d}-try{attempt}",
             tags=[SHARD_TAG],
-            # the same key if this request is retried after a lost answer: no second run
-            idempotency_key=f"{self.run_id}-{shard.number}-{attempt}",
+            # The same key if this request is retried after a lost answer (no second run); a
+            # coordinator resuming this batch later has its own flow run id, so new keys.
+            idempotency_key=f"{flow_run_context.id}-{shard.number}-{attempt}",
         )
         shard.attempts, shard.run_id, shard.state = attempt, run.id, "submitted"
         shard.queued_since = time.monotonic()

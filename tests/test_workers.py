@@ -238,16 +238,17 @@ def _prefect_ui_shows_the_batch(api: str, tmp_path: Path) -> None:
             page.get_by_text("-shard00000-try1").first.wait_for(timeout=60_000)
             page.screenshot(path=str(tmp_path / "ui-runs.png"), full_page=True)
             artifacts = api_post(api, "/artifacts/filter", {"artifacts": {"key": {"any_": [
-                "lregions-report", "lregions-summary"]}}, "sort": "CREATED_DESC"})
-            shown = {}
-            for artifact in artifacts:
-                if artifact["key"] in shown:
-                    continue
+                "lregions-report", "lregions-summary"]}}})
+            # the 40-row batch's summary (markdown) and the table its flow run published
+            runs = {a["flow_run_id"] for a in artifacts if a["key"] == "lregions-report"
+                    and "40 ok, 0 failed" in json.dumps(a["data"])}
+            assert len(runs) == 1, artifacts
+            ours = [a for a in artifacts if a["flow_run_id"] in runs]
+            assert {a["key"] for a in ours} == {"lregions-report", "lregions-summary"}, artifacts
+            for artifact in ours:
                 page.goto(f"{ui}/artifacts/artifact/{artifact['id']}", wait_until="networkidle")
                 expected = "40 ok, 0 failed" if artifact["key"] == "lregions-report" else "Summary"
                 page.get_by_text(expected).first.wait_for(timeout=60_000)
                 page.screenshot(path=str(tmp_path / f"ui-{artifact['key']}.png"), full_page=True)
-                shown[artifact["key"]] = True
-            assert set(shown) == {"lregions-report", "lregions-summary"}
         finally:
             browser.close()
