@@ -11,6 +11,14 @@ Grid file (YAML)::
       num_proposals: [4, 7]
       mode: [rgn, dino-random, random, exhaustive]
       losses: [clip+dir+str, clip]   # loss terms switched on (others get weight 0)
+      oracle_noise: [0.0, 0.1]       # the oracle judge's noise (oracle preset only)
+      # Named bundles of settings: a proposal family and an anchor method per value.
+      proposals:
+        - {name: square, proposal_aspects: [1], proposal_spacing: linear}
+        - {name: fit-3, proposal_aspects: [0.333, 1, 3], proposal_spacing: geometric}
+      anchors:
+        - {name: nms, anchor_rule: nms, anchor_refine: false}
+        - {name: peaks, anchor_rule: peaks, anchor_refine: true}
 """
 
 from __future__ import annotations
@@ -33,6 +41,9 @@ from lregions_core.report import AXES
 from lregions_core.store import Store
 
 LOSS_TERMS = ("clip", "dir", "str")
+BUNDLE_AXES = ("proposals", "anchors")  # axes whose values are named bundles of settings
+SHORT = {"num_anchors": "a", "num_proposals": "p", "mode": "", "losses": "L-", "proposals": "P-",
+         "anchors": "A-", "oracle_noise": "n"}
 
 
 def load_grid(path: str) -> dict:
@@ -53,6 +64,21 @@ def load_grid(path: str) -> dict:
     for axis, values in grid["grid"].items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid {path}: axis {axis!r} needs a non-empty list")
+    for axis in BUNDLE_AXES:
+        names = []
+        for value in grid["grid"].get(axis, []):
+            if not isinstance(value, dict) or not isinstance(value.get("name"), str) or not (
+                set(value) - {"name"}
+            ):
+                raise ConfigError(f"grid {path}: each {axis!r} value needs a name and settings, "
+                                  f"got {value!r}")
+            clash = sorted((set(value) - {"name"}) & set(grid["grid"]))
+            if clash:
+                raise ConfigError(f"grid {path}: {axis} {value['name']!r} sets {clash}, "
+                                  "which are axes of their own")
+            names.append(value["name"])
+        if len(set(names)) < len(names):
+            raise ConfigError(f"grid {path}: {axis} names must be distinct, got {names}")
     for losses in grid["grid"].get("losses", []):
         terms = str(losses).split("+")
         if not terms or any(t not in LOSS_TERMS for t in terms):
@@ -66,7 +92,12 @@ def cells(grid: dict) -> list[dict[str, Any]]:
 
 
 def cell_overrides(cell: dict[str, Any]) -> dict[str, Any]:
-    changes = {k: v for k, v in cell.items() if k != "losses"}
+    """The settings one cell changes: plain axes as they are, loss terms as weights, bundles
+    (a proposal family, an anchor method) as their settings."""
+    changes = {k: v for k, v in cell.items() if k != "losses" and k not in BUNDLE_AXES}
+    for axis in BUNDLE_AXES:
+        if axis in cell:
+            changes.update({k: v for k, v in cell[axis].items() if k != "name"})
     if "losses" in cell:
         terms = str(cell["losses"]).split("+")
         changes.update({f"w_{t}": 1.0 if t in terms else 0.0 for t in LOSS_TERMS})
@@ -74,8 +105,7 @@ def cell_overrides(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def cell_id(cell: dict[str, Any]) -> str:
-    short = {"num_anchors": "a", "num_proposals": "p", "mode": "", "losses": "L-"}
-    text = "_".join(f"{short[k]}{v}" for k, v in cell.items())
+    text = "_".join(f"{SHORT[k]}{v['name'] if k in BUNDLE_AXES else v}" for k, v in cell.items())
     return re.sub(r"[^A-Za-z0-9._-]", "-", text)
 
 
@@ -114,6 +144,8 @@ def ablate(
         table.append({"cell": name, "num_anchors": config.num_anchors,
                       "num_proposals": config.num_proposals, "mode": config.mode,
                       "losses": "+".join(t for t in LOSS_TERMS if getattr(config, f"w_{t}") > 0),
+                      **{axis: cell[axis]["name"] for axis in BUNDLE_AXES if axis in cell},
+                      **({"oracle_noise": config.oracle_noise} if "oracle_noise" in cell else {}),
                       "rows": len(frame), "ok": len(ok), "failed": len(frame) - len(ok),
                       "reused": int(frame["reused"].sum()),
                       "config_hash": config.digest(), **means})

@@ -7,6 +7,8 @@ Coordinates: an anchor is a patch-grid cell ``(row, col)``; :func:`cell_centres`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 
@@ -56,6 +58,9 @@ def find_anchors(
             chosen.append(cells[len(chosen) % len(cells)])
         return np.asarray(chosen, dtype=np.int64)
 
+    if rule == "peaks":
+        return _hill_peaks(attention, num, cells, spread)
+
     if rule == "reference":
         half = max_half_width * min(gh, gw)
         fits = [
@@ -72,7 +77,67 @@ def find_anchors(
             chosen.append(cells[len(chosen) % len(cells)])
         return np.asarray(chosen, dtype=np.int64)
 
-    raise ValueError(f"unknown anchor rule {rule!r}; use 'nms' or 'reference'")
+    raise ValueError(f"unknown anchor rule {rule!r}; use 'nms', 'peaks' or 'reference'")
+
+
+def _hill_peaks(attention: np.ndarray, num: int, cells: np.ndarray, spread: float) -> np.ndarray:
+    """One anchor per attention hill, highest hill first, then NMS among what is left.
+
+    A fixed NMS radius lets one large salient object take several anchors while a small one
+    (often the target, among larger distractors) gets none. Here each pick suppresses its whole
+    *hill*: every cell reachable from it by 8-connected steps that never go up (a plateau counts
+    as downhill). The next pick is then the top of another hill, behind a saddle. When every hill
+    has an anchor, the remaining anchors follow the ``nms`` rule over the cells not yet chosen.
+    """
+    gh, gw = attention.shape
+    values = attention.astype(np.float64)
+    tolerance = 1e-9 * max(float(np.abs(values).max()), 1e-30)  # float noise on a plateau
+    suppressed = np.zeros((gh, gw), dtype=bool)
+    chosen: list[np.ndarray] = []
+    for cell in cells:  # cells in attention order: the first unsuppressed one tops a new hill
+        if len(chosen) == num:
+            break
+        if suppressed[cell[0], cell[1]]:
+            continue
+        chosen.append(cell)
+        stack = [(int(cell[0]), int(cell[1]))]
+        suppressed[cell[0], cell[1]] = True
+        while stack:
+            r, c = stack.pop()
+            for nr in range(max(0, r - 1), min(gh, r + 2)):
+                for nc in range(max(0, c - 1), min(gw, c + 2)):
+                    if not suppressed[nr, nc] and values[nr, nc] <= values[r, c] + tolerance:
+                        suppressed[nr, nc] = True
+                        stack.append((nr, nc))
+    if len(chosen) < num:
+        taken = {tuple(c) for c in chosen}
+        rest = find_anchors(attention, num, rule="nms", spread=spread)
+        chosen += [c for c in rest if tuple(c) not in taken][: num - len(chosen)]
+    return np.asarray(chosen[:num], dtype=np.int64)
+
+
+def refine_cells(attention: np.ndarray, cells: np.ndarray) -> np.ndarray:
+    """Sub-cell anchor positions (float ``(row, col)``, shape (N, 2)): the vertex of a parabola
+    through each cell's attention and its two neighbours, per axis, clipped to half a cell.
+
+    A box is centred on its anchor, so a cell-centre anchor is up to half a patch off the
+    attended object's centre: little for a large object, most of the object for a thin bar.
+    """
+    gh, gw = attention.shape
+    values = attention.astype(np.float64)
+    out = cells.astype(np.float64).copy()
+    for i, (r, c) in enumerate(cells):
+        for axis, (lo, hi) in enumerate(
+            [((r - 1, c), (r + 1, c)), ((r, c - 1), (r, c + 1))]
+        ):
+            limit = gh if axis == 0 else gw
+            if min(lo[axis], hi[axis]) < 0 or max(lo[axis], hi[axis]) >= limit:
+                continue  # at the grid's edge: no neighbour on one side
+            a, b, d = values[lo], values[r, c], values[hi]
+            curvature = a - 2 * b + d
+            if curvature < 0:  # a maximum along this axis
+                out[i, axis] += float(np.clip(0.5 * (a - d) / curvature, -0.5, 0.5))
+    return out
 
 
 def random_anchors(grid: tuple[int, int], num: int, rng: np.random.Generator) -> np.ndarray:
@@ -98,23 +163,38 @@ def make_proposals(
     num: int,
     min_half_width: float,
     max_half_width: float,
+    *,
+    aspects: Sequence[float] = (1.0,),
+    spacing: str = "linear",
 ) -> np.ndarray:
-    """``num`` square boxes of increasing size around each centre, clipped to the image.
+    """``num`` sizes x ``len(aspects)`` boxes around each centre, clipped to the image.
 
-    Half-widths are ``linspace(min_half_width, max_half_width, num)`` times the image's shorter
-    side (the reference's 4, 6, ..., 14 cells of a 32-cell grid are 0.125 ... 0.4375).
-    Returns float boxes ``(x0, y0, x1, y1)`` of shape (N, num, 4).
+    Half-sizes ``s`` run from ``min_half_width`` to ``max_half_width`` times the image's shorter
+    side, ``linspace`` (the reference's 4, 6, ..., 14 cells of a 32-cell grid are 0.125 ...
+    0.4375) or ``geomspace`` (``spacing="geometric"``: the same *ratio* between neighbours, so
+    small boxes are as finely graded as large ones). Each size gets one box per width:height
+    ratio ``a``, of half-width ``s * sqrt(a)`` and half-height ``s / sqrt(a)`` (the square's area).
+    Boxes are ordered size-major: proposal ``i * len(aspects) + j`` is size ``i``, ratio ``j``.
+    Returns float boxes ``(x0, y0, x1, y1)`` of shape (N, num * len(aspects), 4).
     """
     width, height = size
-    halves = np.linspace(min_half_width, max_half_width, num) * min(width, height)
+    if spacing == "linear":
+        halves = np.linspace(min_half_width, max_half_width, num)
+    elif spacing == "geometric":
+        halves = np.geomspace(min_half_width, max_half_width, num)
+    else:
+        raise ValueError(f"unknown proposal spacing {spacing!r}; use 'linear' or 'geometric'")
+    root = np.sqrt(np.asarray(aspects, dtype=np.float64))
+    half_w = (halves[:, None] * root[None, :]).reshape(-1) * min(width, height)
+    half_h = (halves[:, None] / root[None, :]).reshape(-1) * min(width, height)
     cx = centres[:, 0:1]
     cy = centres[:, 1:2]
     boxes = np.stack(
         [
-            np.clip(cx - halves, 0, width),
-            np.clip(cy - halves, 0, height),
-            np.clip(cx + halves, 0, width),
-            np.clip(cy + halves, 0, height),
+            np.clip(cx - half_w, 0, width),
+            np.clip(cy - half_h, 0, height),
+            np.clip(cx + half_w, 0, width),
+            np.clip(cy + half_h, 0, height),
         ],
         axis=-1,
     )

@@ -19,12 +19,15 @@ from importlib import resources
 from typing import Any
 
 MODES = ("rgn", "exhaustive", "random", "dino-random")
-ANCHOR_RULES = ("nms", "reference")
-ESTIMATORS = ("memo-expectation", "reinforce")
+ANCHOR_RULES = ("nms", "peaks", "reference")
+ESTIMATORS = ("memo-expectation", "reinforce", "regression", "regression-anchor", "listwise")
 KEEP_CANDIDATES = ("all", "chosen", "none")
 # "default": the editor model's own scheduler (PNDM for SD 2 inpainting, the aMUSEd scheduler);
 # "dpm-solver++": DPM-Solver++ (2M, multistep), which needs fewer steps (SD inpainting only).
 EDITOR_SCHEDULERS = ("default", "dpm-solver++")
+PROPOSAL_SPACINGS = ("linear", "geometric")
+RGN_SAMPLINGS = ("policy", "untried")
+RGN_FINALS = ("policy", "tried", "best", "blend")
 
 
 class ConfigError(ValueError):
@@ -78,11 +81,18 @@ class Config:
 
     # --- anchors and proposals ------------------------------------------------------------------
     num_anchors: int = 9
-    anchor_rule: str = "nms"  # "nms" (spread apart) or "reference" (fit-inside, may repeat)
+    # "nms" (spread apart by a fixed radius), "peaks" (one anchor per attention hill first, then
+    # nms) or "reference" (fit-inside, may repeat)
+    anchor_rule: str = "nms"
     anchor_spread: float = 0.1  # NMS radius, as a fraction of the grid's shorter side
-    num_proposals: int = 6  # K boxes per anchor
-    proposal_min: float = 0.125  # smallest half-width, fraction of the image's shorter side
-    proposal_max: float = 0.4375  # largest half-width (ref: 4..14 cells of a 32 grid)
+    anchor_refine: bool = False  # sub-patch anchor positions (parabola through the attention)
+    num_proposals: int = 6  # box sizes per anchor (K = num_proposals x len(proposal_aspects))
+    proposal_min: float = 0.125  # smallest half-size, fraction of the image's shorter side
+    proposal_max: float = 0.4375  # largest half-size (ref: 4..14 cells of a 32 grid)
+    # Width:height ratios; every size gets one box per ratio, all of the size's area ([1.0] is the
+    # reference's square family).
+    proposal_aspects: list = field(default_factory=lambda: [1.0])
+    proposal_spacing: str = "linear"  # sizes "linear" (reference) or "geometric" from min to max
 
     # --- region network and its learning ------------------------------------------------------
     mode: str = "rgn"  # one of MODES
@@ -92,9 +102,32 @@ class Config:
     lr: float = 0.05
     tau: float = 1.0  # sampling temperature of the box policy
     estimator: str = "memo-expectation"  # one of ESTIMATORS
+    # Pool a second RoI this much larger around each box (1.0 = twice the size), so the network
+    # sees whether a box cuts an object off; 0 = the box alone (reference).
+    rgn_context: float = 0.0
+    rgn_steps: int = 1  # optimiser steps per iteration on the memo (no edits; reference 1)
+    # "policy": sample each anchor's next box from the policy (a tried box costs no edit but
+    # brings nothing new); "untried": sample among the boxes not edited yet.
+    rgn_sampling: str = "policy"
+    # Stop an anchor once its policy puts at least this probability on boxes already edited
+    # (0 = run every iteration).
+    rgn_settle: float = 0.0
+    # Stop an anchor whose best loss is worse than the best anchor's by more than this many
+    # standard deviations of the known losses (None = every anchor runs to the end).
+    rgn_focus: float | None = None
+    rgn_patience: int = 0  # stop an anchor after this many tries without a better loss (0 = off)
+    rgn_warmup: int = 0  # iterations every anchor runs before rgn_settle / rgn_focus may stop it
+    # Each anchor's box after learning: "policy" (most probable box, edited if it was never
+    # tried) or "tried" (most probable among the edited boxes: no edit after learning).
+    rgn_final: str = "policy"
     w_clip: float = 1.0
     w_dir: float = 1.0
     w_str: float = 1.0
+
+    # --- oracle world only ------------------------------------------------------------------
+    # Standard deviation of the seeded Gaussian noise the oracle scorer adds to each loss term and
+    # to both similarities, as a fraction of their 0..1 range (0 = an exact judge).
+    oracle_noise: float = 0.0
 
     # --- selection and output -----------------------------------------------------------------
     select_text_weight: float = 2.0
@@ -111,8 +144,14 @@ class Config:
         # Equal settings must hash equally: lr=1 and lr=1.0 are the same config.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if isinstance(f.default, float) and isinstance(value, int) and not isinstance(value, bool):
+            is_float = isinstance(f.default, float) or str(f.type).startswith("float")
+            if is_float and isinstance(value, int) and not isinstance(value, bool):
                 object.__setattr__(self, f.name, float(value))
+        # Aspect ratios as floats, so [1, 2] and [1.0, 2.0] are the same settings (and hash so).
+        if isinstance(self.proposal_aspects, (list, tuple)):
+            aspects = self.proposal_aspects
+            if all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in aspects):
+                object.__setattr__(self, "proposal_aspects", [float(a) for a in aspects])
         checks = [
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (
@@ -133,7 +172,37 @@ class Config:
                 0 < self.proposal_min <= self.proposal_max,
                 "need 0 < proposal_min <= proposal_max",
             ),
+            (
+                isinstance(self.proposal_aspects, list) and len(self.proposal_aspects) > 0
+                and all(isinstance(a, float) and a > 0 for a in self.proposal_aspects),
+                (f"proposal_aspects must be a non-empty list of positive width:height ratios, "
+                 f"got {self.proposal_aspects!r}"),
+            ),
+            (
+                self.proposal_spacing in PROPOSAL_SPACINGS,
+                (f"proposal_spacing must be one of {PROPOSAL_SPACINGS}, "
+                 f"got {self.proposal_spacing!r}"),
+            ),
+            (self.oracle_noise >= 0, "oracle_noise must be >= 0"),
+            (
+                self.oracle_noise == 0 or self.scorer == "oracle",
+                "oracle_noise is read only by the oracle scorer (scorer='oracle')",
+            ),
             (self.iterations >= 0, "iterations must be >= 0"),
+            (self.rgn_context >= 0, "rgn_context must be >= 0"),
+            (self.rgn_steps >= 1, "rgn_steps must be >= 1"),
+            (self.rgn_warmup >= 0, "rgn_warmup must be >= 0"),
+            (self.rgn_patience >= 0, "rgn_patience must be >= 0"),
+            (
+                self.rgn_sampling in RGN_SAMPLINGS,
+                f"rgn_sampling must be one of {RGN_SAMPLINGS}, got {self.rgn_sampling!r}",
+            ),
+            (0 <= self.rgn_settle <= 1, "rgn_settle must be in [0, 1]"),
+            (self.rgn_focus is None or self.rgn_focus >= 0, "rgn_focus must be >= 0 or null"),
+            (
+                self.rgn_final in RGN_FINALS,
+                f"rgn_final must be one of {RGN_FINALS}, got {self.rgn_final!r}",
+            ),
             (self.tau > 0, "tau must be > 0"),
             (self.select_top_k >= 1, "select_top_k must be >= 1"),
             (self.clip_views >= 1, "clip_views must be >= 1"),
@@ -168,6 +237,11 @@ class Config:
             data = {k: data[k] for k in keys}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def proposals_per_anchor(self) -> int:
+        """K: boxes around each anchor, one per size and width:height ratio."""
+        return self.num_proposals * len(self.proposal_aspects)
 
     @property
     def device_resolved(self) -> str:

@@ -21,6 +21,26 @@ baseline, ``(L_ak - b_a) * grad log p(k|a)`` for the sampled ``k``. Kept for com
 
 Advantages are divided by the standard deviation of all known losses, so the learning rate means
 the same thing whatever the scorer's loss scale (CLIP losses differ in the second decimal).
+
+``estimator="regression"``: the network's logits are fitted (squared error) to the standardised
+negative losses of every box tried so far, of all anchors at once. The policy is then a softmax
+over *predicted* quality, so it carries what the boxes tried around one anchor taught (a thin box
+scores badly on a round object, a box reaching past the object spills) to the boxes of the other
+anchors and to boxes never tried; ``regression-anchor`` centres logits and targets per anchor
+(only the ordering within an anchor is learnt), ``listwise`` matches the policy to a softmax of
+the known losses. Which boxes to try and when to stop are settings of their own (the levers that
+decide how many edits learning costs; the README measures each):
+
+- ``rgn_sampling``: ``policy`` samples from the policy (a box already edited costs nothing but
+  teaches nothing), ``untried`` samples among boxes not edited yet, so every edit is new.
+- ``rgn_steps``: optimiser steps per iteration on the memo (more fitting per edit, no edits).
+- ``rgn_settle`` / ``rgn_focus`` / ``rgn_patience`` / ``rgn_warmup``: stop an anchor once its
+  policy has settled on tried boxes, once it is clearly worse than the best anchor, or after so
+  many tries without improvement.
+- ``rgn_final``: each anchor's box after learning: the policy's most probable (``policy``, the
+  paper's), the most probable tried one (``tried``), the lowest loss tried (``best``: the memo
+  is exact, so a learned loss model can only add its errors), or a blend of the observed and the
+  predicted loss (``blend``: for noisy judges).
 """
 
 from __future__ import annotations
@@ -33,7 +53,7 @@ import torch
 from PIL import Image
 
 from lregions_core.config import Config
-from lregions_core.images import box_mask
+from lregions_core.images import box_mask, pixel_box
 from lregions_core.interfaces import CandidateScores, Editor, EditRequest, Features, Scorer
 from lregions_core.models.runtime import seeded
 from lregions_core.region_net import RegionNet, box_geometry, pool_proposals
@@ -54,7 +74,9 @@ class Candidate:
 
 
 class CandidateBank:
-    """Every edit made for one image, memoised by (box, seed): a box is never edited twice."""
+    """Every edit made for one image, memoised by (mask, seed): a mask is never edited twice (two
+    proposals that rasterise to the same pixels, e.g. after clipping at the border, share one
+    edit)."""
 
     def __init__(
         self,
@@ -79,7 +101,8 @@ class CandidateBank:
         self.editor_batches = 0
 
     def key(self, box: Sequence[float]) -> tuple:
-        return (tuple(round(float(v), 3) for v in box), self.seed)
+        # rounded first, so float noise in a coordinate never makes a new mask
+        return (pixel_box([round(float(v), 3) for v in box], self.image.size), self.seed)
 
     def known(self, box: Sequence[float]) -> bool:
         return self.key(box) in self._memo
@@ -177,14 +200,31 @@ def choose_regions(
 
 
 def _surrogate(
-    estimator: str, probs: torch.Tensor, losses: torch.Tensor, sampled: torch.Tensor
+    estimator: str, logits: torch.Tensor, tau: float, losses: torch.Tensor, sampled: torch.Tensor
 ) -> torch.Tensor:
-    """A scalar whose gradient estimates ``grad sum_a E_p[L_a]`` (see the module docstring)."""
+    """A scalar to minimise (see the module docstring): for the score-function estimators its
+    gradient estimates ``grad sum_a E_p[L_a]``; for ``regression`` it is the squared error of
+    the logits against the standardised negative losses of the boxes tried so far."""
+    probs = torch.softmax(logits / tau, dim=1)
     known = ~torch.isnan(losses)
     filled = torch.where(known, losses, torch.zeros_like(losses))
+    spread = losses[known].std(unbiased=False) if known.sum() > 1 else torch.tensor(0.0)
     count = known.sum(dim=1, keepdim=True).clamp_min(1)
     baseline = filled.sum(dim=1, keepdim=True) / count
-    spread = losses[known].std(unbiased=False) if known.sum() > 1 else torch.tensor(0.0)
+    if estimator == "regression":
+        target = -(filled - losses[known].mean()) / spread.clamp_min(1e-8)
+        return torch.where(known, (logits - target) ** 2, 0.0).sum() / known.sum().clamp_min(1)
+    if estimator == "regression-anchor":
+        target = -(filled - baseline) / spread.clamp_min(1e-8)
+        centred = logits - (torch.where(known, logits, 0.0).sum(1, keepdim=True) / count)
+        return torch.where(known, (centred - target) ** 2, 0.0).sum() / known.sum().clamp_min(1)
+    if estimator == "listwise":
+        scaled = torch.where(known, -filled / (spread.clamp_min(1e-8) * tau), -torch.inf)
+        target = torch.softmax(scaled, dim=1)
+        model = torch.log_softmax(torch.where(known, logits / tau, -torch.inf), dim=1)
+        rows = known.sum(1) > 1
+        per_anchor = -(torch.where(known, target * model, 0.0)).sum(1)
+        return per_anchor[rows].sum() / rows.sum().clamp_min(1)
     advantage = torch.where(known, filled - baseline, torch.zeros_like(filled))
     advantage = advantage / spread.clamp_min(1e-8)
     if estimator == "memo-expectation":
@@ -205,45 +245,99 @@ def _learn(
     seed: int,
 ) -> RegionOutcome:
     n = boxes.shape[0]
-    pooled = pool_proposals(features.patches, boxes, size, config.roi_size)
+    pooled = pool_proposals(features.patches, boxes, size, config.roi_size, config.rgn_context)
     geometry = box_geometry(boxes, size)
     with seeded(seed):  # deterministic init without touching the global RNG
         net = RegionNet(pooled.shape[2], config.roi_size, config.rgn_hidden)
     start = [p.detach().clone() for p in net.parameters()]
-    optimiser = torch.optim.Adam(net.parameters(), lr=config.lr)
+    optimiser = torch.optim.Adam(net.parameters(), lr=config.lr, foreach=True)
     sampler = torch.Generator().manual_seed(seed)
     trace: list[dict] = []
+
+    def policy() -> torch.Tensor:
+        return torch.softmax(net(pooled, geometry) / config.tau, dim=1)
+
     with torch.no_grad():
-        initial = torch.softmax(net(pooled, geometry) / config.tau, dim=1).numpy()
+        initial = policy().numpy()
+    active = np.ones(n, dtype=bool)  # anchors still trying new boxes
+    best_loss = np.full(n, np.inf)  # each anchor's best loss so far
+    stale = np.zeros(n, dtype=int)  # each anchor's tries since its best loss last improved
 
     for step in range(config.iterations):
-        probs = torch.softmax(net(pooled, geometry) / config.tau, dim=1)
-        sampled = torch.multinomial(probs.detach(), 1, generator=sampler).squeeze(1)
-        tried = bank.fetch([(a, int(sampled[a]), boxes[a, sampled[a]]) for a in range(n)])
+        with torch.no_grad():
+            probs = policy()
+        known = ~torch.isnan(torch.as_tensor(bank.loss_table(boxes)))
+        weights = probs.detach()
+        if config.rgn_sampling == "untried":
+            # Only boxes not edited yet: every edit this iteration is new information.
+            weights = torch.where(known, torch.zeros_like(weights), weights)
+            active &= (weights.sum(dim=1) > 0).numpy()
+        if not active.any():
+            break
+        weights = torch.where(torch.as_tensor(active)[:, None], weights, torch.ones_like(weights))
+        sampled = torch.multinomial(weights, 1, generator=sampler).squeeze(1)
+        tried = bank.fetch(
+            [(a, int(sampled[a]), boxes[a, sampled[a]]) for a in range(n) if active[a]]
+        )
         losses = torch.as_tensor(bank.loss_table(boxes), dtype=torch.float32)
-        surrogate = _surrogate(config.estimator, probs, losses, sampled)
-        optimiser.zero_grad()
-        surrogate.backward()
-        optimiser.step()
+        for _ in range(config.rgn_steps):  # refit the memo: costs no edits
+            surrogate = _surrogate(
+                config.estimator, net(pooled, geometry), config.tau, losses, sampled
+            )
+            optimiser.zero_grad()
+            surrogate.backward()
+            optimiser.step()
+        probs = policy()
+        probs = probs.detach()
         known = ~torch.isnan(losses)
+        now = np.where(known.any(1).numpy(), np.nanmin(np.where(known, losses, np.nan), axis=1)
+                       if known.any() else np.inf, np.inf)
+        stale = np.where(active, np.where(now < best_loss, 0, stale + 1), stale)
+        best_loss = now
+        if step + 1 >= config.rgn_warmup:
+            active &= _still_exploring(config, probs, losses)
+            if config.rgn_patience > 0:
+                active &= stale < config.rgn_patience
         trace.append(
             {
                 "iteration": step,
                 "sampled_loss": float(np.mean([c.loss for c in tried])),
                 "boxes_tried": int(known.sum()),
+                "active_anchors": int(active.sum()),
                 # expected loss under the policy, over anchors' tried boxes (renormalised)
                 "expected_loss": float(
                     (
-                        (probs.detach() * torch.where(known, losses, 0.0)).sum(1)
-                        / (probs.detach() * known).sum(1).clamp_min(1e-12)
+                        (probs * torch.where(known, losses, 0.0)).sum(1)
+                        / (probs * known).sum(1).clamp_min(1e-12)
                     ).mean()
                 ),
             }
         )
+        if not active.any():
+            break
 
     with torch.no_grad():
-        final = torch.softmax(net(pooled, geometry) / config.tau, dim=1)
-    chosen = final.argmax(dim=1).numpy()
+        final = policy()
+    choice = final
+    table = torch.as_tensor(bank.loss_table(boxes), dtype=torch.float32)
+    known = ~torch.isnan(table)
+    if config.rgn_final == "tried":
+        # Each anchor's most probable box among those edited: no edit after learning.
+        choice = torch.where(known, final, torch.full_like(final, -1.0))
+    elif config.rgn_final == "blend":
+        with torch.no_grad():
+            logits = net(pooled, geometry)
+        spread = table[known].std(unbiased=False).clamp_min(1e-8)
+        count = known.sum(1, keepdim=True).clamp_min(1)
+        base = torch.where(known, table, 0.0).sum(1, keepdim=True) / count
+        centred = logits - torch.where(known, logits, 0.0).sum(1, keepdim=True) / count
+        predicted = base - spread * centred
+        choice = torch.where(known, -(table + predicted) / 2, torch.full_like(final, -torch.inf))
+        choice = torch.where(known.any(dim=1, keepdim=True), choice, final)
+    elif config.rgn_final == "best":
+        choice = torch.where(known, -table, torch.full_like(final, -torch.inf))
+        choice = torch.where(known.any(dim=1, keepdim=True), choice, final)
+    chosen = choice.argmax(dim=1).numpy()
     change = float(
         torch.sqrt(sum(((p.detach() - s) ** 2).sum() for p, s in zip(net.parameters(), start)))
     )
@@ -256,3 +350,22 @@ def _learn(
         param_change=change,
         trace=trace,
     )
+
+
+def _still_exploring(config: Config, probs: torch.Tensor, losses: torch.Tensor) -> np.ndarray:
+    """(N,) which anchors keep trying boxes after this iteration.
+
+    ``rgn_settle``: an anchor has settled once its policy puts at least this probability on
+    boxes already edited (more samples would mostly re-pick them). ``rgn_focus``: only one
+    anchor's edit is kept in the end, so an anchor whose best loss so far is worse than the best
+    anchor's by more than ``rgn_focus`` standard deviations of all known losses stops early.
+    """
+    known = ~torch.isnan(losses)
+    keep = np.ones(losses.shape[0], dtype=bool)
+    if config.rgn_settle > 0:
+        keep &= ((probs * known).sum(dim=1) < config.rgn_settle).numpy()
+    if config.rgn_focus is not None and known.sum() > 1:
+        best = torch.where(known, losses, torch.full_like(losses, float("inf"))).min(dim=1).values
+        spread = float(losses[known].std(unbiased=False))
+        keep &= (best <= best.min() + config.rgn_focus * spread).numpy()
+    return keep

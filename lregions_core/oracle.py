@@ -15,6 +15,7 @@ so the method runs through exactly the same code path (registry, modes, selectio
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,8 +54,18 @@ def colour_in(text: str | None) -> str:
 
 
 def _near(pixels: np.ndarray, colour: str) -> np.ndarray:
-    ref = np.array(COLOURS[colour], dtype=np.float32)
-    return np.linalg.norm(pixels.astype(np.float32) - ref, axis=-1) < COLOUR_TOLERANCE
+    # Channel by channel: numpy reduces a length-3 last axis many times slower. Squared integer
+    # distances are exact, so this is the Euclidean test exactly.
+    d = pixels.astype(np.int32) - np.array(COLOURS[colour], dtype=np.int32)
+    return d[..., 0] ** 2 + d[..., 1] ** 2 + d[..., 2] ** 2 < COLOUR_TOLERANCE**2
+
+
+def _changed(pixels: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """Pixels where any channel moved by more than :data:`CHANGE_THRESHOLD`."""
+    d = np.abs(pixels - source)
+    return (d[..., 0] > CHANGE_THRESHOLD) | (d[..., 1] > CHANGE_THRESHOLD) | (
+        d[..., 2] > CHANGE_THRESHOLD
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -106,9 +117,103 @@ def make_item(seed: int) -> OracleItem:
         if box is not None:
             _draw(draw, box, "ball" if rng.random() < 0.5 else "box", distractor_colours[i])
     _draw(draw, target, shape, target_colour)
-    # Bounding box of what was actually drawn (rasterisation may trim a pixel).
+    return _finish(canvas, target_colour, prompt_colour, shape)
+
+
+SHAPES_V2 = ("ball", "box", "bar")
+
+
+def make_item_v2(seed: int) -> OracleItem:
+    """One item of oracle world v2 (harder than :func:`make_item`, which stays the regression set):
+    images of 150 to 1024 pixels on the longer side with aspect ratios up to 3:1 either way, a
+    textured low-saturation background, a target that may be a thin bar (3:1 to 5:1), a ball or
+    box, or a large blob, sometimes touching the border, and one to four distractors in other
+    palette colours (some larger than the target, so saliency alone cannot tell which is which)."""
+    rng = np.random.default_rng([seed, 11])
+    long_side = float(np.exp(rng.uniform(np.log(150), np.log(1024))))
+    ratio = rng.uniform(1.0, 3.0)
+    if rng.random() < 0.5:
+        width, height = round(long_side), max(48, round(long_side / ratio))
+    else:
+        width, height = max(48, round(long_side / ratio)), round(long_side)
+    canvas = Image.fromarray(_background(rng, width, height), "RGB")
+    draw = ImageDraw.Draw(canvas)
+    short = min(width, height)
+    gap = max(3, round(0.02 * short))
+
+    names = list(COLOURS)
+    order = rng.permutation(len(names))
+    target_colour, prompt_colour = names[order[0]], names[order[1]]
+    placed: list[tuple[int, int, int, int]] = []
+
+    def extent(shape: str, large: bool) -> tuple[float, float]:
+        """Half width and half height, in pixels, of a new object."""
+        if shape == "bar":
+            length = rng.uniform(0.3, 0.9) * short / 2
+            thick = max(2.0, length / rng.uniform(3.0, 5.0))
+            return (length, thick) if rng.random() < 0.5 else (thick, length)
+        r = rng.uniform(0.22, 0.38) * short if large else rng.uniform(0.06, 0.24) * short
+        aspect = rng.uniform(0.7, 1.45)
+        return r * np.sqrt(aspect), r / np.sqrt(aspect)
+
+    def place(rx: float, ry: float, border: bool) -> tuple[int, int, int, int] | None:
+        rx, ry = min(rx, width / 2 - 1), min(ry, height / 2 - 1)
+        for _ in range(200):
+            cx = rng.uniform(rx + 1, width - rx - 1)
+            cy = rng.uniform(ry + 1, height - ry - 1)
+            if border:  # flush against one side of the image
+                side = int(rng.integers(4))
+                cx = {0: rx, 1: width - rx}.get(side, cx)
+                cy = {2: ry, 3: height - ry}.get(side, cy)
+            box = (max(0, int(cx - rx)), max(0, int(cy - ry)),
+                   min(width, int(np.ceil(cx + rx))), min(height, int(np.ceil(cy + ry))))
+            if all(b[2] + gap < box[0] or box[2] + gap < b[0] or b[3] + gap < box[1]
+                   or box[3] + gap < b[1] for b in placed):
+                placed.append(box)
+                return box
+        return None
+
+    shape = SHAPES_V2[int(rng.integers(3))]
+    large = shape != "bar" and rng.random() < 0.25
+    target = place(*extent(shape, large), border=rng.random() < 0.3)
+    assert target is not None  # the first object always fits
+    for colour in [names[i] for i in order[2 : 2 + int(rng.integers(1, 5))]]:
+        kind = SHAPES_V2[int(rng.integers(3))]
+        box = place(*extent(kind, kind != "bar" and rng.random() < 0.3), border=False)
+        if box is not None:
+            _draw(draw, box, kind, colour)
+    _draw(draw, target, shape, target_colour)
+    return _finish(canvas, target_colour, prompt_colour, shape)
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """A low-saturation textured background: a gradient plus stripes or low-frequency blotches
+    and a faint colour tint (never near a palette colour, barely salient)."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    grey = 100 + 60 * rng.random() + 25 * rng.uniform(-1, 1) * (xx / width)
+    grey = grey + 20 * rng.uniform(-1, 1) * (yy / height)
+    texture = int(rng.integers(3))
+    if texture == 1:  # stripes at a random angle and period
+        angle, period = rng.uniform(0, np.pi), rng.uniform(0.03, 0.2) * max(width, height)
+        phase = (xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period
+        grey = grey + rng.uniform(8, 25) * np.sin(phase)
+    elif texture == 2:  # blotches: coarse random grid, smoothly enlarged
+        coarse = rng.normal(0, 1, (int(rng.integers(3, 9)), int(rng.integers(3, 9))))
+        blotch = Image.fromarray(coarse.astype(np.float32), "F").resize(
+            (width, height), Image.Resampling.BICUBIC)
+        grey = grey + rng.uniform(8, 20) * np.asarray(blotch)
+    # No per-pixel noise: grey noise is invisible to the saliency and the judge alike, and would
+    # only make the manifest's PNGs several times larger.
+    pixels = grey[..., None] + rng.uniform(-6, 6, 3)
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
+def _finish(canvas: Image.Image, target_colour: str, prompt_colour: str, shape: str) -> OracleItem:
+    """The item for a drawn canvas: target box from the drawn pixels (rasterisation may trim a
+    pixel) and the captions of the palette contract."""
     ys, xs = np.nonzero(_near(np.asarray(canvas), target_colour))
     target_box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+
     def a(colour: str) -> str:
         return f"an {colour}" if colour[0] in "aeiou" else f"a {colour}"
 
@@ -166,54 +271,73 @@ class Painter:
     def edit(self, requests: Sequence[EditRequest]) -> list[Image.Image]:
         out = []
         for req in requests:
-            pixels = np.array(req.image.convert("RGB"), dtype=np.int16)
+            pixels = np.array(req.image.convert("RGB"), dtype=np.uint8)
             mask = np.asarray(req.mask.convert("L")) > 127
-            noise = np.random.default_rng(req.seed).integers(-6, 7, pixels.shape)
-            paint = np.clip(np.array(COLOURS[colour_in(req.prompt)]) + noise, 0, 255)
-            pixels[mask] = paint[mask]
-            out.append(Image.fromarray(pixels.astype(np.uint8), "RGB"))
+            # Noise for the masked pixels only (drawing it for the whole image cost more than
+            # the rest of the edit).
+            noise = np.random.default_rng(req.seed).integers(-6, 7, (int(mask.sum()), 3))
+            pixels[mask] = np.clip(np.array(COLOURS[colour_in(req.prompt)]) + noise, 0, 255)
+            out.append(Image.fromarray(pixels, "RGB"))
         return out
 
 
 @dataclass(frozen=True)
 class _OracleContext:
-    source: np.ndarray  # (H, W, 3) uint8
+    source: np.ndarray  # (H, W, 3) int16 (ready to subtract)
     target: np.ndarray  # (H, W) bool: pixels of the target object
     prompt_colour: str
+    digest: bytes  # of the source pixels and both captions: the noise's "image" part
 
 
 class OracleScorer:
-    """Exact edit quality in the oracle world (replaces the CLIP losses)."""
+    """Exact edit quality in the oracle world (replaces the CLIP losses), optionally made as
+    unreliable as a real judge: ``noise`` is the standard deviation of seeded Gaussian noise
+    added to each loss term and to both similarities (a fraction of their 0..1 range)."""
 
     name = "oracle"
+
+    def __init__(self, noise: float = 0.0) -> None:
+        self.noise = float(noise)
 
     def prepare(self, source: Image.Image, prompt: str, source_prompt: str | None):
         pixels = np.asarray(source.convert("RGB"))
         target = _near(pixels, colour_in(source_prompt))
         if not target.any():
             raise ValueError(f"the source image has no {colour_in(source_prompt)} object")
-        return _OracleContext(pixels, target, colour_in(prompt))
+        digest = hashlib.sha256(pixels.tobytes() + f"|{prompt}|{source_prompt}".encode()).digest()
+        return _OracleContext(pixels.astype(np.int16), target, colour_in(prompt), digest)
 
     def score(self, context, candidates, seeds) -> list[CandidateScores]:
         ctx: _OracleContext = context
         area = float(ctx.target.sum())
         out = []
-        for candidate in candidates:
-            pixels = np.asarray(candidate.convert("RGB"))
-            changed = (np.abs(pixels.astype(np.int16) - ctx.source).max(axis=-1)) > CHANGE_THRESHOLD
+        for candidate, seed in zip(candidates, seeds):
+            pixels = np.asarray(candidate.convert("RGB")).astype(np.int16)
+            changed = _changed(pixels, ctx.source)
             coverage = float((changed & ctx.target).sum()) / area
             spill = float((changed & ~ctx.target).sum()) / area
             right = _near(pixels[changed], ctx.prompt_colour).mean() if changed.any() else 0.0
-            out.append(
-                CandidateScores(
-                    loss_clip=1.0 - coverage,
-                    loss_dir=1.0 - float(right),
-                    loss_str=spill / (1.0 + spill),
-                    text_sim=coverage / (1.0 + spill),  # = IoU(changed, target)
-                    image_sim=1.0 - float(changed.mean()),
-                )
-            )
+            exact = np.array([
+                1.0 - coverage,  # loss_clip
+                1.0 - float(right),  # loss_dir
+                spill / (1.0 + spill),  # loss_str
+                coverage / (1.0 + spill),  # text_sim = IoU(changed, target)
+                1.0 - float(changed.mean()),  # image_sim
+            ])
+            values = exact
+            if self.noise > 0:
+                values = exact + self.noise * _judge_noise(ctx.digest, changed, int(seed))
+            out.append(CandidateScores(*(float(v) for v in values)))
         return out
+
+
+def _judge_noise(image: bytes, changed: np.ndarray, seed: int) -> np.ndarray:
+    """Five standard normal draws fixed by (image, edited region, seed): the same edit is always
+    judged the same, as a memoised real judge would be, while any other box or seed gets fresh
+    noise. Unscaled, so two noise levels perturb an edit in the same direction (a fair
+    comparison between levels)."""
+    key = hashlib.sha256(image + np.packbits(changed).tobytes() + seed.to_bytes(8, "big", signed=True))
+    return np.random.default_rng(np.frombuffer(key.digest(), dtype=np.uint32)).normal(size=5)
 
 
 @FEATURE_EXTRACTORS.register("oracle-saliency")
@@ -228,4 +352,4 @@ def build_painter(config: Config) -> Painter:
 
 @SCORERS.register("oracle")
 def build_oracle_scorer(config: Config) -> OracleScorer:
-    return OracleScorer()
+    return OracleScorer(config.oracle_noise)

@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lregions_core.anchors import cell_centres, find_anchors, make_proposals, random_anchors
+from lregions_core.anchors import (
+    cell_centres,
+    find_anchors,
+    make_proposals,
+    random_anchors,
+    refine_cells,
+)
 from lregions_core.config import Config
 from lregions_core.images import input_box, paste_back, paste_region, to_working
 from lregions_core.interfaces import CandidateScores, Editor, FeatureExtractor, Features, Scorer
@@ -127,6 +133,7 @@ def propose(config: Config, features: Features, size: tuple[int, int], seed: int
     """Anchors (from attention, or uniformly random cells in ``random`` mode) and K boxes each."""
     if config.mode == "random":
         cells = random_anchors(features.grid, config.num_anchors, np.random.default_rng([seed, 0]))
+        positions = cells  # random anchors stay uniform: no attention may pull them
     else:
         cells = find_anchors(
             features.attention,
@@ -135,9 +142,11 @@ def propose(config: Config, features: Features, size: tuple[int, int], seed: int
             spread=config.anchor_spread,
             max_half_width=config.proposal_max,
         )
-    centres = cell_centres(cells, features.grid, size)
+        positions = refine_cells(features.attention, cells) if config.anchor_refine else cells
+    centres = cell_centres(positions, features.grid, size)
     boxes = make_proposals(
-        centres, size, config.num_proposals, config.proposal_min, config.proposal_max
+        centres, size, config.num_proposals, config.proposal_min, config.proposal_max,
+        aspects=config.proposal_aspects, spacing=config.proposal_spacing,
     )
     return Proposals(cells=cells, centres=centres, boxes=boxes)
 

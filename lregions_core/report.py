@@ -29,7 +29,9 @@ from lregions_core.stages import resolve_ref
 from lregions_core.store import Store
 
 SCORES = ("text_sim", "image_sim", "loss", "selection_score")
-AXES = ("num_anchors", "num_proposals", "mode", "losses")  # an ablation grid's axes
+REGION_METHODS = "Proposal family x anchors x mode"
+# An ablation grid's axes ("proposals" and "anchors" are named bundles of settings).
+AXES = ("num_anchors", "num_proposals", "mode", "losses", "proposals", "anchors", "oracle_noise")
 MODE_ORDER = ("rgn", "exhaustive", "dino-random", "random")
 RANDOM_BANNER = "metrics computed with RANDOM weights (tiny preset): numbers are meaningless"
 MAX_STRIPS = 500  # items drawn with their images; the per-item table always lists every row
@@ -291,6 +293,13 @@ def _ablation_tables(table: pd.DataFrame) -> dict[str, pd.DataFrame]:
         order = [m for m in MODE_ORDER if m in by.index] + sorted(set(by.index) - set(MODE_ORDER))
         out[title] = (by.loc[order] if axis == "mode" else by).reset_index()
         out[title].attrs["note"] = note
+    keys = [a for a in ("proposals", "anchors", "oracle_noise") if a in table]
+    if keys:  # region methods side by side: every cell's mean, one row per family and anchors
+        keys += [a for a in ("mode",) if a in table]
+        metrics = _present(table, ["box_iou", "text_sim", "editor_requests"])
+        by = table.groupby(keys, dropna=False)[metrics].mean(numeric_only=True).reset_index()
+        out[REGION_METHODS] = by
+        out[REGION_METHODS].attrs["note"] = "means over the other axes"
     return out
 
 
@@ -377,6 +386,10 @@ def _ablation_page(folder: _Folder, table: pd.DataFrame, title: str) -> str:
         body.append(f"<h2>Anchors x proposals</h2><p class='muted'>{_e(note)}</p>")
         body += [f"<h3>{_e(k.split(': ', 1)[1])}</h3>" + _table(tables[k]) for k in grids]
         body.append(_img(heat, "anchors x proposals heatmaps") if heat else "")
+    if REGION_METHODS in tables:
+        body += [(f"<h2>{REGION_METHODS}</h2>"
+                  f"<p class='muted'>{_e(tables[REGION_METHODS].attrs['note'])}</p>"),
+                 _table(tables[REGION_METHODS])]
     for heading, key, name in (("Learned vs random regions", "mode", "modes.png"),
                                ("Loss terms", "losses", "losses.png")):
         if heading in tables:

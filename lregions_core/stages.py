@@ -48,8 +48,11 @@ REGION_SETTINGS = FEATURE_SETTINGS + (
     "clip_structure_layer", "editor", "editor_model", "editor_steps", "guidance_scale",
     "editor_scheduler",
     "prompt_template", "editor_kwargs", "num_anchors", "anchor_rule", "anchor_spread",
-    "num_proposals", "proposal_min", "proposal_max", "mode", "roi_size", "rgn_hidden",
-    "iterations", "lr", "tau", "estimator", "w_clip", "w_dir", "w_str",
+    "anchor_refine",
+    "num_proposals", "proposal_min", "proposal_max", "proposal_aspects", "proposal_spacing",
+    "oracle_noise", "mode", "roi_size", "rgn_hidden",
+    "iterations", "lr", "tau", "estimator", "rgn_context", "rgn_steps", "rgn_sampling",
+    "rgn_settle", "rgn_focus", "rgn_warmup", "rgn_patience", "rgn_final", "w_clip", "w_dir", "w_str",
 )
 SELECT_SETTINGS = ("select_text_weight", "select_image_weight", "select_top_k")
 OUTPUT_SETTINGS = ("feather", "keep_candidates")

@@ -1,6 +1,12 @@
-"""Write the oracle-world manifest: generated images with a known target box.
+"""Write an oracle-world manifest: generated images with a known target box.
 
-    python manifests/make_oracle.py [--items 24] [--out manifests]
+    python manifests/make_oracle.py [--world v1|v2] [--items N] [--out manifests]
+
+``v1`` (24 items, ``oracle.csv``) is the original world, kept as a regression set; ``v2`` (36
+items, ``oracle_v2.csv``) is the harder one: sizes 150 to 1024 px, aspect ratios up to 3:1, thin
+bars to large blobs, up to four distractors, targets on the border, textured backgrounds. Item
+``k`` is generated from seed ``k``; the tests draw other seeds, so the manifest (on which the
+ablation chose the defaults) is not what they check.
 """
 
 from __future__ import annotations
@@ -11,21 +17,28 @@ from pathlib import Path
 
 from lregions_core import oracle
 
+WORLDS = {  # world: (generator, default items, manifest name, image folder)
+    "v1": (oracle.make_item, 24, "oracle.csv", "oracle"),
+    "v2": (oracle.make_item_v2, 36, "oracle_v2.csv", "oracle_v2"),
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--items", type=int, default=24)
+    parser.add_argument("--world", choices=sorted(WORLDS), default="v1")
+    parser.add_argument("--items", type=int, default=None)
     parser.add_argument("--out", default=str(Path(__file__).parent))
     args = parser.parse_args()
+    make, default_items, manifest, folder = WORLDS[args.world]
     out = Path(args.out)
-    (out / "oracle").mkdir(parents=True, exist_ok=True)
-    with open(out / "oracle.csv", "w", newline="") as handle:
+    (out / folder).mkdir(parents=True, exist_ok=True)
+    with open(out / manifest, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "image", "prompt", "source", "seed", "target_box"])
-        for i in range(args.items):
-            item = oracle.make_item(i)
-            name = f"oracle/item{i:03d}.png"
-            item.image.save(out / name)
+        for i in range(default_items if args.items is None else args.items):
+            item = make(i)
+            name = f"{folder}/item{i:03d}.png"
+            item.image.save(out / name, optimize=True)
             writer.writerow([f"item{i:03d}", name, item.prompt, item.source_prompt, i,
                              ",".join(str(v) for v in item.target_box)])
 

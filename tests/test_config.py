@@ -62,9 +62,10 @@ def test_oracle_preset_values():
     assert cfg.scorer == "oracle"
     assert cfg.clip_pretrained is None
     assert cfg.num_anchors == 6
-    assert cfg.work_size == 128 and cfg.work_multiple == 16
+    assert cfg.work_size == 256 and cfg.work_multiple == 16
     # untouched settings keep their defaults
     assert cfg.num_proposals == Config().num_proposals
+    assert cfg.oracle_noise == Config().oracle_noise == 0.0  # an exact judge unless asked
 
 
 def test_unknown_preset():

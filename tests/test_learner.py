@@ -73,8 +73,9 @@ def _run(world, seed: int = 0, steps: int = 1, **changes):
     return SimpleNamespace(cfg=cfg, props=props, bank=bank, editor=editor, outcome=outcome)
 
 
-def _unique_boxes(boxes: np.ndarray) -> int:
-    return len({tuple(np.round(b, 3)) for b in boxes.reshape(-1, 4)})
+def _unique_boxes(boxes: np.ndarray, size: tuple[int, int]) -> int:
+    """Distinct masks among ``boxes`` (two boxes clipped to the same pixels are one edit)."""
+    return len({images.pixel_box(np.round(b, 3), size) for b in boxes.reshape(-1, 4)})
 
 
 def _check_candidates(run) -> None:
@@ -166,8 +167,8 @@ def test_exhaustive_edits_every_box_once_and_takes_argmin(world):
     run = _run(world, mode="exhaustive", steps=3)
     boxes = run.props.boxes
     n, k, _ = boxes.shape
-    assert (n, k) == (world.cfg.num_anchors, world.cfg.num_proposals)
-    unique = _unique_boxes(boxes)
+    assert (n, k) == (world.cfg.num_anchors, world.cfg.proposals_per_anchor)
+    unique = _unique_boxes(boxes, world.work.size)
     assert run.bank.editor_requests == unique
     assert len(run.editor.requests) == unique
     assert run.editor.calls == 1  # all boxes in one batch; the final fetch is all memo hits
@@ -237,7 +238,9 @@ def test_random_mode_anchors_are_random_and_dino_random_anchors_are_attention(wo
 # rgn: learning the box
 # ------------------------------------------------------------------------------------------------
 def test_rgn_learns(world):
-    run = _run(world, mode="rgn")
+    # the policy's own most probable box per anchor (rgn_final="policy"): learning, not the memo,
+    # decides the box
+    run = _run(world, mode="rgn", rgn_final="policy")
     out = run.outcome
     cfg = run.cfg
     boxes = run.props.boxes

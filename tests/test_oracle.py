@@ -79,7 +79,7 @@ def test_region_network_learns(world_results):
 def test_rgn_edits_fewer_boxes_than_exhaustive(world_results):
     config = make_config("oracle")
     assert _mean(world_results["rgn"], "requests") < _mean(world_results["exhaustive"], "requests")
-    every = config.num_anchors * config.num_proposals
+    every = config.num_anchors * config.proposals_per_anchor
     assert all(r["requests"] <= every for r in world_results["exhaustive"])
     assert all(r["requests"] == config.num_anchors for r in world_results["random"])
 

@@ -25,7 +25,7 @@ def photo(size=(150, 100), mode="RGB") -> Image.Image:
 def _assert_valid(result, image: Image.Image, config) -> None:
     assert result.image.size == image.size and result.image.mode == "RGB"
     assert len(result.candidates) == config.num_anchors
-    assert result.proposals.shape == (config.num_anchors, config.num_proposals, 4)
+    assert result.proposals.shape == (config.num_anchors, config.proposals_per_anchor, 4)
     x0, y0, x1, y1 = result.box
     assert 0 <= x0 < x1 <= image.width and 0 <= y0 < y1 <= image.height
     assert np.isfinite(result.selection[result.chosen])
