@@ -123,6 +123,30 @@ def test_changing_proposals_reuses_dino_features(prefect_server, tmp_path):
     assert not index(out)["reused"].any()
 
 
+def test_oracle_noise_from_the_command_line_is_cached_like_other_settings(prefect_server,
+                                                                           tmp_path):
+    manifest = tmp_path / "v2.csv"
+    lines = (ROOT / "manifests" / "oracle_v2.csv").read_text().splitlines()[:4]
+    shutil.copytree(ROOT / "manifests" / "oracle_v2", tmp_path / "oracle_v2")
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    args = [str(manifest), "--out", str(out), "--preset", "oracle", "--set", "iterations=2"]
+    assert run_cli(*args) == 0
+    exact = index(out)
+    features = mtimes(out / "cache" / "features")
+    regions = set(mtimes(out / "cache" / "regions"))
+    assert run_cli(*args, "--set", "oracle_noise=0.1") == 0
+    noisy = index(out)
+    assert list(noisy["status"]) == ["ok"] * 3 and not noisy["reused"].any()
+    assert set(noisy["config_hash"]).isdisjoint(exact["config_hash"])
+    assert mtimes(out / "cache" / "features") == features  # the judge's noise is not a feature
+    assert set(mtimes(out / "cache" / "regions")) > regions  # the edits' scores are new
+    assert not np.allclose(noisy["text_sim"], exact["text_sim"])  # the judge is noisy now
+    assert run_cli(*args, "--set", "oracle_noise=0.1") == 0  # the same setting again: reused
+    assert index(out)["reused"].all()
+    assert run_cli(*args, "--set", "oracle_noise=-1") == 2  # validated like any setting
+
+
 def test_prefect_yaml_deployments_point_at_the_flow():
     import importlib
 
