@@ -5,7 +5,7 @@ preset per image.
 Editor-call counts of ``rgn`` depend on how fast the box policy settles, which depends on the
 losses, and no real weights are available here. So the counts for the ``default`` and ``fast``
 presets are measured with *their method settings* (anchors, proposals, iterations, steps) on
-oracle-world items, where losses are meaningful; ``exhaustive``/``random`` counts do not depend
+oracle world v2 items, where losses are meaningful; ``exhaustive``/``random`` counts do not depend
 on losses at all. The oracle IoU column is the oracle world's box quality, not a photo metric.
 
     python benchmarks/bench_core.py [--items 20] [--tiny-images 4]
@@ -24,30 +24,44 @@ from lregions_core.config import load_preset, make_config
 from lregions_core.pipeline import Models, edit_image
 
 MODES = ("rgn", "exhaustive", "dino-random", "random")
-METHOD_KEYS = ("num_anchors", "num_proposals", "iterations", "editor_steps", "mode")
+# The method's settings (anchors, proposals, learner, steps), taken from the preset measured; the
+# oracle preset supplies only the world (saliency, painter, exact judge, working size).
+METHOD_KEYS = ("num_anchors", "anchor_rule", "anchor_spread", "anchor_refine", "num_proposals",
+               "proposal_min", "proposal_max", "proposal_aspects", "proposal_spacing",
+               "iterations", "lr", "tau", "estimator", "rgn_context", "rgn_steps",
+               "rgn_sampling", "rgn_settle", "rgn_focus", "rgn_warmup", "rgn_patience",
+               "rgn_final", "editor_steps")
 
 
-def editor_cost(preset: str, items: int) -> list[str]:
-    settings = {k: v for k, v in load_preset(preset)["set"].items() if k in METHOD_KEYS}
+# The oracle preset's proposal family and learner levers (issue 9), to try on other presets.
+FITTED_KEYS = ("proposal_aspects", "proposal_spacing", "proposal_min", "estimator", "rgn_context",
+               "rgn_steps", "tau", "rgn_sampling", "rgn_final")
+
+
+def editor_cost(preset: str, items: int, fitted: bool = False) -> list[str]:
     base = make_config(preset)
+    label = preset
+    if fitted:
+        oracle_set = load_preset("oracle")["set"]
+        base = base.replace(**{k: oracle_set[k] for k in FITTED_KEYS})
+        label = f"{preset} + fitted"
     reference_calls = (base.iterations + 1) * base.num_anchors
     lines = []
     for mode in MODES:
-        oracle_settings = dict(load_preset("oracle")["set"])
-        oracle_settings.update({"num_anchors": base.num_anchors, **settings, "mode": mode,
-                                "editor_steps": base.editor_steps})
-        config = make_config("default", oracle_settings)
+        world = {k: v for k, v in load_preset("oracle")["set"].items() if k not in METHOD_KEYS}
+        method = {k: getattr(base, k) for k in METHOD_KEYS}
+        config = make_config("default", {**world, **method, "mode": mode})
         models = Models.load(config)
         calls, ious = [], []
         for i in range(items):
-            item = oracle.make_item(1000 + i)
+            item = oracle.make_item_v2(3000 + i)  # oracle world v2, seeds no test uses
             result = edit_image(item.image, item.prompt, source_prompt=item.source_prompt,
                                 config=config, models=models, seed=i)
             calls.append(result.editor_requests)
             ious.append(float(box_iou(np.array(result.box), np.array(item.target_box))))
         steps = float(np.mean(calls)) * base.editor_steps
         lines.append(
-            f"| {preset} | {mode} | {np.mean(calls):.1f} | {steps:.0f} | "
+            f"| {label} | {mode} | {np.mean(calls):.1f} | {steps:.0f} | "
             f"{reference_calls} x 50 = {reference_calls * 50} | "
             f"{steps / (reference_calls * 50):.2f} | {np.mean(ious):.3f} |"
         )
@@ -87,9 +101,10 @@ def main() -> None:
     print("| preset | mode | editor calls | denoising steps | reference (calls x steps) "
           "| steps vs reference | oracle IoU |")
     print("|---|---|---|---|---|---|---|")
-    for preset in ("default", "fast"):
-        for line in editor_cost(preset, args.items):
-            print(line)
+    for preset, fitted in (("default", False), ("fast", False), ("default", True),
+                           ("fast", True)):
+        for line in editor_cost(preset, args.items, fitted):
+            print(line, flush=True)
     print(f"\nTiny preset on CPU ({args.tiny_images} scikit-image photos, models loaded once)\n")
     print("| preset | mode | seconds per image | editor calls per image |")
     print("|---|---|---|---|")
