@@ -112,11 +112,14 @@ def s3_server(tmp_path_factory):
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "lregions-test", "AWS_SECRET_ACCESS_KEY": "lregions-test",
            "AWS_DEFAULT_REGION": "us-east-1", "FSSPEC_S3_ENDPOINT_URL": endpoint}
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115
+    folder = tmp_path_factory.mktemp("moto")
+    log = open(folder / "moto.log", "wb")  # noqa: SIM115
     server = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, **env, "MOTO_ENABLE_RECORDING": "True"}, stdout=log, stderr=log,
-        start_new_session=True)
+        # the recorder writes its file into the working directory unless told where
+        env={**os.environ, **env, "MOTO_ENABLE_RECORDING": "True",
+             "MOTO_RECORDER_FILEPATH": str(folder / "recording")},
+        stdout=log, stderr=log, start_new_session=True)
     saved_env = {k: os.environ.get(k) for k in env}
     saved_conf = fsspec_config.conf.get("s3")
     try:
