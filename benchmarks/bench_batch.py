@@ -47,7 +47,7 @@ def run_edit(manifest: Path, out: Path, preset: str, *sets: str) -> tuple[float,
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", MEASURED, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"lregions {' '.join(args)} exited {done.returncode}:\n"
                            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
