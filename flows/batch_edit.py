@@ -14,7 +14,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.chunks import run_chunks
 from lregions_core import index
-from lregions_core.config import make_config
+from lregions_core.config import run_config
 from lregions_core.manifest import read_manifest
 from lregions_core.store import Store
 
@@ -47,7 +47,7 @@ def batch_edit(
 ) -> dict:
     """Edit every row of ``manifest``; finished items of earlier runs are reused."""
     started = time.perf_counter()
-    config = make_config(preset, {"mode": mode} if mode else None, sets or [])
+    config = run_config(preset, mode, sets)
     rows = read_manifest(manifest)
     store = Store(out)
     # A run killed earlier with the same rows and settings is resumed: its parts are kept.

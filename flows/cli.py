@@ -18,7 +18,7 @@ import sys
 
 from flows.pools import COORDINATOR_POOL, DEFAULT_POOL, BatchError, check_pool_name
 from lregions_core.cli import MODE_CHOICES, build_parser, config_args, positive_int, run
-from lregions_core.config import make_config
+from lregions_core.config import make_config, run_config
 
 
 def prefect_defaults() -> None:
@@ -37,7 +37,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     workers of a work pool (this process runs the coordinator, outside every worker slot)."""
     from lregions_core.manifest import read_manifest
 
-    make_config(args.preset, {"mode": args.mode} if args.mode else None, args.set)  # usage check
+    run_config(args.preset, args.mode, args.set)  # usage check
     total = len(read_manifest(args.manifest))  # usage errors before any work
     prefect_defaults()
     common = {"manifest": args.manifest, "out": args.out, "preset": args.preset,

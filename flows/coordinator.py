@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -43,12 +44,12 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as flow_run_context
 from prefect.states import Cancelled
 
-from flows.batch_edit import advance, publish_report
+from flows.batch_edit import advance, publish_report, summarise
 from flows.pools import DEFAULT_POOL, BatchError, check_pool_name
 from flows.shard import SHARD_FLOW, SHARD_TAG, shard_prefix
 from lregions_core import index
 from lregions_core.batch import new_state
-from lregions_core.config import ConfigError, make_config
+from lregions_core.config import ConfigError, run_config
 from lregions_core.manifest import ManifestRow, read_manifest
 from lregions_core.store import Store
 
@@ -129,6 +130,10 @@ class Shard:
     def parts(self) -> list[str]:
         return [f"{shard_prefix(self.number)}{k:06d}" for k in range(self.chunks)]
 
+    def chunk(self, k: int, chunk_size: int) -> list[ManifestRow]:
+        """The rows of chunk ``k`` (part ``parts()[k]``)."""
+        return self.rows[k * chunk_size:(k + 1) * chunk_size]
+
 
 @dataclass
 class _Batch:
@@ -173,8 +178,8 @@ class _Batch:
         rows = 0
         for part in new:
             shard, chunk = (int(x) for x in part.lstrip("s").split("-"))
-            size = len(self.shards[shard].rows) if shard < len(self.shards) else 0
-            rows += max(0, min(self.chunk_size, size - chunk * self.chunk_size))
+            if shard < len(self.shards):
+                rows += len(self.shards[shard].chunk(chunk, self.chunk_size))
         if rows:
             advance(rows)
 
@@ -242,8 +247,7 @@ class _Batch:
             for k, part in enumerate(shard.parts()):
                 if part in parts:
                     continue
-                states = [new_state(r) for r in shard.rows[k * self.chunk_size:
-                                                            (k + 1) * self.chunk_size]]
+                states = [new_state(r) for r in shard.chunk(k, self.chunk_size)]
                 for state in states:
                     if state["status"] == "pending":
                         state.update(status="error", error=shard.reason)
@@ -277,7 +281,7 @@ def coordinate(
                         ("chunk_size", chunk_size)):
         if value < 1:
             raise ConfigError(f"{name} must be at least 1, got {value}")
-    config = make_config(preset, {"mode": mode} if mode else None, sets or [])
+    config = run_config(preset, mode, sets)
     rows = read_manifest(manifest)
     store = Store(out)
     run_id, parts = index.begin_run(store, "", index.fingerprint(
@@ -327,11 +331,10 @@ def coordinate(
     index.merge(store, "", run_id)
     table = store.read_parquet(index.INDEX)
     ok = int((table["status"] == "ok").sum())
-    summary = {"rows": len(table), "ok": ok, "failed": len(table) - ok,
-               "reused": int(table["reused"].sum()),
-               "seconds": round(time.perf_counter() - started, 2),
-               "shards": len(shards), "shard_runs": sum(s.attempts for s in shards),
-               "index": store.url_of(index.INDEX)}
+    counts = Counter(rows=len(table), ok=ok, failed=len(table) - ok,
+                     reused=int(table["reused"].sum()))
+    summary = {**summarise(counts, started), "shards": len(shards),
+               "shard_runs": sum(s.attempts for s in shards), "index": store.url_of(index.INDEX)}
     if report:
         summary["report"] = publish_report(out, summary)
     print(f"coordinator: {summary}")

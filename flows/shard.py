@@ -18,7 +18,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.batch_edit import summarise
 from flows.chunks import run_chunks
 from lregions_core import index
-from lregions_core.config import make_config
+from lregions_core.config import run_config
 from lregions_core.manifest import ManifestRow
 from lregions_core.store import Store
 
@@ -45,7 +45,7 @@ def edit_shard(
 ) -> dict:
     """Edit ``rows`` (manifest row records, checked by the coordinator) into ``out``."""
     started = time.perf_counter()
-    config = make_config(preset, {"mode": mode} if mode else None, sets or [])
+    config = run_config(preset, mode, sets)
     prefix = shard_prefix(shard)
     done = {p for p in index.part_names(Store(out), "", run_id) if p.startswith(prefix)}
     counts = run_chunks([ManifestRow.from_record(r) for r in rows], config, out, run_id=run_id,

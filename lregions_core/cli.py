@@ -17,7 +17,7 @@ import json
 import sys
 from typing import Any
 
-from lregions_core.config import ConfigError, load_preset, make_config, preset_names
+from lregions_core.config import ConfigError, load_preset, make_config, preset_names, run_config
 
 
 def _cmd_edit_image(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def _cmd_edit_image(args: argparse.Namespace) -> int:
     from lregions_core.pipeline import edit_image
     from lregions_core.store import Store
 
-    config = make_config(args.preset, {"mode": args.mode} if args.mode else None, args.set)
+    config = run_config(args.preset, args.mode, args.set)
     image = load_image(args.image)
     result = edit_image(
         image, args.prompt, source_prompt=args.source, config=config, seed=args.seed

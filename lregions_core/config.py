@@ -285,6 +285,14 @@ def _raw_text(key: str, sets) -> str:
     return [s.partition("=")[2].strip() for s in sets if s.partition("=")[0].strip() == key][-1]
 
 
+def run_config(
+    preset: str = "default", mode: str | None = None, sets: list[str] | tuple[str, ...] | None = None
+) -> Config:
+    """A run's settings as commands and flows take them: the preset, then ``mode`` when one is
+    given (``--mode``), then ``key=value`` strings (``--set``)."""
+    return make_config(preset, {"mode": mode} if mode else None, sets or ())
+
+
 def make_config(
     preset: str = "default",
     overrides: dict[str, Any] | None = None,
