@@ -28,6 +28,9 @@ EDITOR_SCHEDULERS = ("default", "dpm-solver++")
 PROPOSAL_SPACINGS = ("linear", "geometric")
 RGN_SAMPLINGS = ("policy", "untried")
 RGN_FINALS = ("policy", "tried", "best", "blend")
+# "box": edit the learned box (the paper's method); "mask": edit only what the source caption names
+# inside it (segmented); "auto": edit both, and let the selection score pick.
+REGION_SHAPES = ("box", "mask", "auto")
 
 
 class ConfigError(ValueError):
@@ -124,6 +127,17 @@ class Config:
     w_dir: float = 1.0
     w_str: float = 1.0
 
+    # --- object masks inside the box (region_shape "mask" / "auto") ----------------------------
+    region_shape: str = "box"  # one of REGION_SHAPES
+    segmenter: str = "clipseg"  # registry name: "clipseg" (transformers) or "oracle-segmenter"
+    segmenter_model: str = "CIDAS/clipseg-rd64-refined"  # hub repo or local dir
+    segmenter_kwargs: dict = field(default_factory=dict)  # tiny: in-code architecture settings
+    mask_threshold: float = 0.4  # segmenter probability above which a pixel is the object
+    # Working pixels the segment is grown by before editing (so the editor can blend it in and a
+    # segment that falls a little short still covers the object); the composite's alpha ramps
+    # from 0 to 1 across this margin.
+    mask_grow: int = 6
+
     # --- oracle world only ------------------------------------------------------------------
     # Standard deviation of the seeded Gaussian noise the oracle scorer adds to each loss term and
     # to both similarities, as a fraction of their 0..1 range (0 = an exact judge).
@@ -137,6 +151,8 @@ class Config:
     # Candidate edits kept once an item is done: "all" (the report shows every candidate),
     # "chosen" (only the one the final image came from) or "none" (final image only).
     keep_candidates: str = "all"
+    # Write each item's layer.png (the edit as an RGBA layer over the input; see the README).
+    keep_layers: bool = True
     seed: int = 0
 
     # ------------------------------------------------------------------------------------------
@@ -183,6 +199,12 @@ class Config:
                 (f"proposal_spacing must be one of {PROPOSAL_SPACINGS}, "
                  f"got {self.proposal_spacing!r}"),
             ),
+            (
+                self.region_shape in REGION_SHAPES,
+                f"region_shape must be one of {REGION_SHAPES}, got {self.region_shape!r}",
+            ),
+            (0 < self.mask_threshold < 1, "mask_threshold must be in (0, 1)"),
+            (self.mask_grow >= 0, "mask_grow must be >= 0"),
             (self.oracle_noise >= 0, "oracle_noise must be >= 0"),
             (
                 self.oracle_noise == 0 or self.scorer == "oracle",

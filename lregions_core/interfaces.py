@@ -1,11 +1,13 @@
 """The contracts between the method and the models it drives.
 
-The method (anchors, proposals, region network, learning, selection) only ever talks to three
+The method (anchors, proposals, region network, learning, selection) only ever talks to four
 kinds of component, each registered by name in :mod:`lregions_core.registry`:
 
 * a :class:`FeatureExtractor` (DINO, or the oracle world's saliency map),
 * an :class:`Editor` (Stable Diffusion inpainting, aMUSEd, or the oracle painter),
-* a :class:`Scorer` (CLIP losses and similarities, or the oracle world's exact quality).
+* a :class:`Scorer` (CLIP losses and similarities, or the oracle world's exact quality),
+* a :class:`Segmenter` (text-prompted segmentation: CLIPSeg, or the oracle world's colour
+  picker), used only when ``region_shape`` is ``mask`` or ``auto``.
 
 All images crossing these interfaces are PIL images in mode ``RGB`` at the *working* size
 (the input resized to keep its aspect ratio, see :func:`lregions_core.images.working_size`);
@@ -100,4 +102,15 @@ class Scorer(Protocol):
     ) -> list[CandidateScores]:
         """Score candidates; ``seeds`` (one per candidate) fix the random augmentations so a
         candidate's scores are a pure function of its pixels and seed."""
+        ...
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    name: str
+
+    def segment(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[np.ndarray]:
+        """For each (image, text) pair, a float32 (H, W) map in [0, 1] at that image's size: how
+        likely each pixel belongs to what ``text`` names. ``images`` are RGB crops (the region
+        being refined); a map is a function of its own image and text only (not of the batch)."""
         ...

@@ -1,4 +1,4 @@
-"""Components registered by name: feature extractors, scorers and editors.
+"""Components registered by name: feature extractors, scorers, editors and segmenters.
 
 A factory takes the whole :class:`~lregions_core.config.Config` and reads the fields it needs,
 so presets (data) choose components by name, as timm and open_clip do.
@@ -44,3 +44,4 @@ class Registry(Generic[T]):
 FEATURE_EXTRACTORS: Registry = Registry("feature extractor")
 SCORERS: Registry = Registry("scorer")
 EDITORS: Registry = Registry("editor")
+SEGMENTERS: Registry = Registry("segmenter")
