@@ -4,9 +4,10 @@ Without ``weights_dir`` everything goes to the Hugging Face cache (``HF_HOME``),
 loaders find it; copy that folder to an offline machine. With ``weights_dir`` each model goes to
 ``<weights_dir>/<safe_dirname(name)>``, the folder the loaders look in first (see
 :mod:`lregions_core.models.weights`): the editor repo under its repo name, DINO under the timm
-model name, CLIP under ``<clip_model>/<clip_pretrained>``.
+model name, CLIP under ``<clip_model>/<clip_pretrained>``, the segmenter under its repo name.
 
-Components that need no weights (oracle components, ``random_weights``) are skipped.
+The segmenter (CLIPSeg) is fetched only when ``region_shape`` is not "box": a box run never
+loads it. Components that need no weights (oracle components, ``random_weights``) are skipped.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ EDITORS_WITH_WEIGHTS = ("sd-inpaint", "amused")
 # pickled .bin duplicates are skipped.
 EDITOR_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
 WEIGHT_VARIANTS = ("fp16", "bf16", "fp32", "non_ema", "ema")
+SEGMENTERS_WITH_WEIGHTS = ("clipseg",)
+# Transformers repos: config, tokenizer and processor files, and the safetensors weights (the
+# pickled pytorch_model.bin next to them is skipped).
+SEGMENTER_PATTERNS = ["*.json", "*.txt", "*.safetensors"]
 
 
 def _target(config: Config, name: str) -> Path | None:
@@ -71,6 +76,21 @@ def _download_editor(config: Config) -> str:
         ignore_patterns=ignore,
     )
     return f"editor {name}: {path}"
+
+
+def _download_segmenter(config: Config) -> str:
+    from huggingface_hub import snapshot_download
+
+    name = config.segmenter_model
+    if Path(name).expanduser().is_dir():
+        return f"segmenter {name}: a local folder, nothing to fetch"
+    path = snapshot_download(
+        name,
+        revision=config.segmenter_kwargs.get("revision"),
+        local_dir=_target(config, name),
+        allow_patterns=SEGMENTER_PATTERNS,
+    )
+    return f"segmenter {name}: {path}"
 
 
 def _download_dino(config: Config) -> str:
@@ -121,7 +141,8 @@ def _download_clip(config: Config) -> str:
 
 
 def download_preset_weights(config: Config) -> list[str]:
-    """Fetch the editor, DINO and CLIP weights ``config`` needs; one line per model fetched.
+    """Fetch the editor, DINO and CLIP weights ``config`` needs, and the segmenter's when
+    ``region_shape`` is not "box"; one line per model fetched.
 
     Returns an empty list when nothing needs weights (``random_weights``, oracle components).
     Raises :class:`WeightsUnavailableError` naming the first model that cannot be fetched.
@@ -142,4 +163,10 @@ def download_preset_weights(config: Config) -> list[str]:
     if config.scorer == "clip" and config.clip_pretrained:
         name = f"{config.clip_model}/{config.clip_pretrained}"
         lines.append(_fetch(config, "CLIP scorer", name, lambda: _download_clip(config)))
+    if config.region_shape != "box" and config.segmenter in SEGMENTERS_WITH_WEIGHTS:
+        lines.append(
+            _fetch(
+                config, "segmenter", config.segmenter_model, lambda: _download_segmenter(config)
+            )
+        )
     return lines
