@@ -104,12 +104,13 @@ def run_chunks(
         # Another chunk in flight may share a regions result (same image, prompt and seed):
         # leave its candidates until that chunk is done too. (A chunk not yet ingested that
         # shares one finds it pruned and recomputes it: see stages.regions.)
-        busy = {stages.regions_folder(s) for other in book.in_flight.values() for s in other
-                if "regions_key" in s}
+        busy = {folder for other in book.in_flight.values() for s in other
+                if "regions_key" in s
+                for folder in (stages.regions_folder(s), stages.masks_folder(s)) if folder}
         for state in states:
             result = state.get("result")
-            if state["status"] == "ok" and result and result.get("regions_path") not in busy:
-                stages.prune_candidates(store, result)
+            if state["status"] == "ok" and result:
+                stages.prune_candidates(store, result, busy)
         counts.update(rows=len(states), ok=sum(s["status"] == "ok" for s in states),
                       failed=sum(s["status"] != "ok" for s in states),
                       reused=sum(bool(s.get("reused")) for s in states))

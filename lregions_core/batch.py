@@ -78,10 +78,13 @@ def features_rows(states: list[dict], config: Config, store: Store, items: str) 
 
 
 def regions_rows(states: list[dict], config: Config, store: Store, items: str) -> list[dict]:
-    """Anchors, proposals and region learning (the GPU stage)."""
+    """Anchors, proposals and region learning, then (region_shape mask/auto) the object masks
+    inside the boxes and their edits: the GPU stage, both cached stages of their own."""
     models = lambda: shared_models(config)
-    return run_stage(states, "regions",
-                     lambda row, state: stages.regions(row, state, config, store, models))
+    states = run_stage(states, "regions",
+                       lambda row, state: stages.regions(row, state, config, store, models))
+    return run_stage(states, "masks",
+                     lambda row, state: stages.masks(row, state, config, store, models))
 
 
 def outputs_rows(states: list[dict], config: Config, store: Store, items: str) -> list[dict]:

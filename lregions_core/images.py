@@ -6,6 +6,9 @@
 * :func:`scale_box`, :func:`box_mask` map boxes between sizes and rasterise them as masks.
 * :func:`paste_back` / :func:`paste_region` put the edited region back into the original input,
   leaving every pixel outside ``paste_region`` bit-identical to the input.
+* :class:`Matte` (from :func:`box_matte` or an object mask's :func:`mask_matte`) says how much
+  of the edit each input pixel takes; :func:`compose` makes the final image with it and
+  :func:`edit_layer` the RGBA layer that gives the same final image over the input.
 
 Boxes are ``(x0, y0, x1, y1)`` in pixel-edge coordinates: pixel ``i`` spans ``[i, i + 1]``, so a
 box over a whole ``W x H`` image is ``(0, 0, W, H)``.
@@ -19,6 +22,7 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -29,7 +33,12 @@ from lregions_core.loading import heavy_import
 __all__ = [
     "MAX_PIXELS",
     "ImageLoadError",
+    "Matte",
     "box_mask",
+    "box_matte",
+    "compose",
+    "edit_layer",
+    "mask_matte",
     "load_image",
     "paste_back",
     "paste_region",
@@ -302,6 +311,125 @@ def paste_region(
     return max(x0 - feather, 0), max(y0 - feather, 0), min(x1 + feather, w), min(y1 + feather, h)
 
 
+@dataclass(frozen=True)
+class Matte:
+    """How much of the edit each input pixel takes: ``alpha`` (uint8, 0 = the input's pixel,
+    255 = the edit's) over the integer rectangle ``region`` (x0, y0, x1, y1) of the input; every
+    pixel outside ``region`` has alpha 0. Quantised to 8 bits here, once, so the final image and
+    the edit layer (:func:`edit_layer`) agree: the input composited with the layer is the final
+    image up to the compositor's rounding."""
+
+    region: tuple[int, int, int, int]
+    alpha: np.ndarray  # (y1 - y0, x1 - x0) uint8
+
+
+def box_matte(
+    source_size: tuple[int, int], box_work: Box, work_size: tuple[int, int], feather: int
+) -> Matte:
+    """The box's matte: 255 on the box (rounded outward to input pixels) and
+    ``round(255 * max(0, 1 - d / (feather + 1)))`` outside it, ``d`` the Chebyshev distance in
+    pixels from the box (a rectangular ramp, exactly :func:`paste_region`)."""
+    region = paste_region(source_size, box_work, work_size, feather)
+    ib = input_box(source_size, box_work, work_size)
+    if ib is None:
+        return Matte((0, 0, 0, 0), np.zeros((0, 0), np.uint8))
+    rx0, ry0, rx1, ry1 = region
+    bx0, by0, bx1, by1 = ib
+    xs = np.arange(rx0, rx1)
+    ys = np.arange(ry0, ry1)
+    dx = np.maximum(np.maximum(bx0 - xs, xs - (bx1 - 1)), 0)
+    dy = np.maximum(np.maximum(by0 - ys, ys - (by1 - 1)), 0)
+    d = np.maximum(dx[None, :], dy[:, None]).astype(np.float64)
+    weight = np.clip(1.0 - d / (feather + 1), 0.0, 1.0)
+    return Matte(region, np.rint(255.0 * weight).astype(np.uint8))
+
+
+def soft_mask(mask: np.ndarray, ramp: int) -> np.ndarray:
+    """(H, W) float64 in [0, 1] from a boolean mask: 1 deep inside, falling to
+    ``1 / (ramp + 1)`` on its edge pixels (by Euclidean distance to the nearest pixel outside),
+    0 outside. ``ramp=0`` keeps the hard mask."""
+    mask = np.asarray(mask, dtype=bool)
+    if ramp <= 0 or not mask.any():
+        return mask.astype(np.float64)
+    distance = heavy_import("scipy.ndimage").distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+    return np.clip(distance / (ramp + 1), 0.0, 1.0)
+
+
+def mask_matte(
+    source_size: tuple[int, int],
+    mask_work: Image.Image,
+    box_work: Box,
+    work_size: tuple[int, int],
+    ramp: int,
+) -> Matte:
+    """The matte of an object mask (mode "L" at ``work_size``, 255 = edited): softened inside
+    its edge over ``ramp`` working pixels (:func:`soft_mask`), resized bilinearly to the input
+    and cut to the box (rounded outward), so nothing outside the box ever changes."""
+    if tuple(mask_work.size) != tuple(work_size):
+        raise ValueError(f"mask is {mask_work.size}, expected the working size {work_size}")
+    ib = input_box(source_size, box_work, work_size)
+    if ib is None:
+        return Matte((0, 0, 0, 0), np.zeros((0, 0), np.uint8))
+    soft = soft_mask(np.asarray(mask_work.convert("L")) > 127, ramp)
+    full = Image.fromarray(soft.astype(np.float32), "F").resize(source_size, Image.Resampling.BILINEAR)
+    x0, y0, x1, y1 = ib
+    alpha = np.rint(255.0 * np.clip(np.asarray(full)[y0:y1, x0:x1], 0.0, 1.0)).astype(np.uint8)
+    return Matte(ib, alpha)
+
+
+def _upsampled(edited: Image.Image, work_size: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    if tuple(edited.size) != tuple(work_size):
+        raise ValueError(f"edited image is {edited.size}, expected the working size {work_size}")
+    return np.asarray(_to_rgb(edited).resize(size, Image.Resampling.BICUBIC))
+
+
+def compose(
+    source: Image.Image, edited: Image.Image, work_size: tuple[int, int], matte: Matte
+) -> Image.Image:
+    """The final image: ``edited`` (at ``work_size``, upsampled bicubically to the source size)
+    blended over ``source`` by ``matte``: ``rint(s * (255 - a) / 255 + e * a / 255)``. Where the
+    alpha is 0 the output is the source bit for bit; where it is 255, the upsampled edit."""
+    src = _to_rgb(source)
+    out = np.array(src, dtype=np.uint8)  # a copy: everything outside the region stays as is
+    up = _upsampled(edited, work_size, src.size)
+    x0, y0, x1, y1 = matte.region
+    if x1 <= x0 or y1 <= y0:
+        return Image.fromarray(out, "RGB")
+    a = matte.alpha[..., None].astype(np.float64) / 255.0
+    s = out[y0:y1, x0:x1].astype(np.float64)
+    e = up[y0:y1, x0:x1].astype(np.float64)
+    out[y0:y1, x0:x1] = np.clip(np.rint(s * (1.0 - a) + e * a), 0, 255).astype(np.uint8)
+    return Image.fromarray(out, "RGB")
+
+
+def edit_layer(
+    source_size: tuple[int, int], edited: Image.Image, work_size: tuple[int, int], matte: Matte
+) -> Image.Image:
+    """The edit as an RGBA layer at the input's size: colour = the upsampled edit, alpha = the
+    matte (0 and black wherever the edit does not reach), so ``input`` composited with it
+    ("over", e.g. ``Image.alpha_composite``) gives :func:`compose`'s final image within one
+    grey level per channel."""
+    width, height = source_size
+    layer = np.zeros((height, width, 4), np.uint8)
+    x0, y0, x1, y1 = matte.region
+    if x1 > x0 and y1 > y0:
+        up = _upsampled(edited, work_size, source_size)
+        alpha = matte.alpha
+        layer[y0:y1, x0:x1, :3] = np.where(alpha[..., None] > 0, up[y0:y1, x0:x1], 0)
+        layer[y0:y1, x0:x1, 3] = alpha
+    return Image.fromarray(layer, "RGBA")
+
+
+def changed_region(matte: Matte) -> tuple[int, int, int, int]:
+    """The smallest rectangle outside which the matte is 0 (outside it, output == input);
+    ``(0, 0, 0, 0)`` when nothing changes."""
+    ys, xs = np.nonzero(matte.alpha)
+    if xs.size == 0:
+        return 0, 0, 0, 0
+    x0, y0 = matte.region[:2]
+    return x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1
+
+
 def paste_back(
     source: Image.Image,
     edited: Image.Image,
@@ -309,36 +437,10 @@ def paste_back(
     work_size: tuple[int, int],
     feather: int,
 ) -> Image.Image:
-    """Blend the edited box back into the full-size ``source``.
-
-    ``edited`` (at ``work_size``) is upsampled bicubically to the source size. The blend weight
-    is 1 on the box (rounded outward to input pixels) and ``max(0, 1 - d / (feather + 1))``
-    outside it, where ``d`` is the Chebyshev distance in pixels from the box (so the ramp is
-    rectangular and exactly :func:`paste_region`). Where the weight is 0 the output is the
-    source bit for bit; inside the box it is the upsampled edit exactly.
-    """
-    src = _to_rgb(source)
-    size = src.size
+    """Blend the edited box back into the full-size ``source`` (:func:`compose` with the box's
+    :func:`box_matte`): weight 1 on the box, a ramp over ``feather`` pixels outside it, the
+    source bit for bit beyond (:func:`paste_region`), the upsampled edit exactly on the box."""
+    size = _to_rgb(source).size
     if tuple(edited.size) != tuple(work_size):
         raise ValueError(f"edited image is {edited.size}, expected the working size {work_size}")
-    out = np.array(src, dtype=np.uint8)  # a copy: everything outside the region stays as is
-    rx0, ry0, rx1, ry1 = paste_region(size, box_work, work_size, feather)
-    ib = input_box(size, box_work, work_size)
-    if ib is None:
-        return Image.fromarray(out, "RGB")
-    bx0, by0, bx1, by1 = ib
-
-    up = np.asarray(_to_rgb(edited).resize(size, Image.Resampling.BICUBIC))
-    # Chebyshev distance of each region pixel to the box's pixels (0 on the box itself).
-    xs = np.arange(rx0, rx1)
-    ys = np.arange(ry0, ry1)
-    dx = np.maximum(np.maximum(bx0 - xs, xs - (bx1 - 1)), 0)
-    dy = np.maximum(np.maximum(by0 - ys, ys - (by1 - 1)), 0)
-    d = np.maximum(dx[None, :], dy[:, None]).astype(np.float64)
-    alpha = np.clip(1.0 - d / (feather + 1), 0.0, 1.0)[..., None]
-
-    s = out[ry0:ry1, rx0:rx1].astype(np.float64)
-    e = up[ry0:ry1, rx0:rx1].astype(np.float64)
-    blend = np.rint(s * (1.0 - alpha) + e * alpha)  # exact at alpha 0 and 1
-    out[ry0:ry1, rx0:rx1] = np.clip(blend, 0, 255).astype(np.uint8)
-    return Image.fromarray(out, "RGB")
+    return compose(source, edited, work_size, box_matte(size, box_work, work_size, feather))

@@ -45,7 +45,8 @@ decide how many edits learning costs; the README measures each):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +64,8 @@ Box = tuple[float, float, float, float]
 
 @dataclass(frozen=True)
 class Candidate:
-    """One edited box: which anchor and proposal it came from, its pixels and its scores."""
+    """One edit: which anchor and proposal it came from, its pixels and its scores. ``shape`` is
+    "box" (the whole box was edited) or "mask" (only ``mask``, an object mask inside the box)."""
 
     anchor: int
     proposal: int
@@ -71,6 +73,8 @@ class Candidate:
     image: Image.Image
     scores: CandidateScores
     loss: float
+    shape: str = "box"
+    mask: Image.Image | None = None  # mode "L", working size, 255 = edited (shape "mask" only)
 
 
 class CandidateBank:
@@ -97,6 +101,7 @@ class CandidateBank:
         self.seed = seed
         self.loss_weights = loss_weights
         self._memo: dict[tuple, tuple[Image.Image, CandidateScores]] = {}
+        self._masks: dict[tuple, Image.Image] = {}  # object masks edited (fetch_masked)
         self.editor_requests = 0
         self.editor_batches = 0
 
@@ -110,36 +115,53 @@ class CandidateBank:
     def fetch(self, wanted: Sequence[tuple[int, int, Sequence[float]]]) -> list[Candidate]:
         """Candidates for ``(anchor, proposal, box)`` triples, editing only unseen boxes (all of
         them in one editor call, so the editor can batch)."""
-        missing: dict[tuple, Box] = {}
-        for _, _, box in wanted:
-            key = self.key(box)
-            if key not in self._memo and key not in missing:
-                missing[key] = tuple(float(v) for v in box)  # type: ignore[assignment]
-        if missing:
-            requests = [
-                EditRequest(self.image, box_mask(self.image.size, box), self.prompt, self.seed)
-                for box in missing.values()
-            ]
-            edited = self.editor.edit(requests)
-            scores = self.scorer.score(self.context, edited, [self.seed] * len(edited))
-            for key, img, sc in zip(missing, edited, scores):
-                self._memo[key] = (img, sc)
-            self.editor_requests += len(requests)
-            self.editor_batches += 1
-        out = []
-        for anchor, proposal, box in wanted:
-            img, sc = self._memo[self.key(box)]
-            out.append(
-                Candidate(
-                    anchor=int(anchor),
-                    proposal=int(proposal),
-                    box=tuple(float(v) for v in box),  # type: ignore[arg-type]
-                    image=img,
-                    scores=sc,
-                    loss=float(sc.total(*self.loss_weights)),
-                )
-            )
-        return out
+        self._edit({self.key(box): lambda box=box: box_mask(self.image.size, box)
+                    for _, _, box in wanted})
+        return [self._candidate(self.key(box), anchor, proposal, box)
+                for anchor, proposal, box in wanted]
+
+    def fetch_masked(
+        self, wanted: Sequence[tuple[int, int, Sequence[float], Image.Image]]
+    ) -> list[Candidate]:
+        """Candidates that edit only an object mask inside their box: ``(anchor, proposal, box,
+        mask)``, ``mask`` mode "L" at the working size. Memoised by the mask's pixels."""
+        keys = [("mask", hashlib.sha256(mask.convert("L").tobytes()).hexdigest(), self.seed)
+                for *_, mask in wanted]
+        self._edit({key: lambda mask=mask: mask.convert("L")
+                    for key, (*_, mask) in zip(keys, wanted)})
+        return [self._candidate(key, anchor, proposal, box, mask=self._masks[key])
+                for key, (anchor, proposal, box, _) in zip(keys, wanted)]
+
+    def _candidate(self, key: tuple, anchor: int, proposal: int, box: Sequence[float],
+                   mask: Image.Image | None = None) -> Candidate:
+        img, sc = self._memo[key]
+        return Candidate(
+            anchor=int(anchor),
+            proposal=int(proposal),
+            box=tuple(float(v) for v in box),  # type: ignore[arg-type]
+            image=img,
+            scores=sc,
+            loss=float(sc.total(*self.loss_weights)),
+            shape="box" if mask is None else "mask",
+            mask=mask,
+        )
+
+    def _edit(self, jobs: dict[tuple, Callable[[], Image.Image]]) -> None:
+        """Edit and score every mask of ``jobs`` (memo key -> its mask, made only when needed)
+        not edited yet, in one editor call."""
+        missing = {key: make for key, make in jobs.items() if key not in self._memo}
+        if not missing:
+            return
+        masks = {key: make() for key, make in missing.items()}
+        requests = [EditRequest(self.image, mask, self.prompt, self.seed) for mask in masks.values()]
+        edited = self.editor.edit(requests)
+        scores = self.scorer.score(self.context, edited, [self.seed] * len(edited))
+        for key, img, sc in zip(masks, edited, scores):
+            self._memo[key] = (img, sc)
+            if key[0] == "mask":
+                self._masks[key] = masks[key]
+        self.editor_requests += len(requests)
+        self.editor_batches += 1
 
     def loss_of(self, box: Sequence[float]) -> float | None:
         hit = self._memo.get(self.key(box))

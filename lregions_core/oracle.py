@@ -11,6 +11,10 @@ so the method runs through exactly the same code path (registry, modes, selectio
 * ``oracle`` (scorer): finds the target from the *source* caption's colour and scores coverage of
   the target (``L_clip``), colour correctness (``L_dir``) and change outside it (``L_str``).
   ``text_sim`` is the IoU of the changed pixels with the target, ``image_sim`` the unchanged share.
+* ``oracle-segmenter`` (segmenter, for ``region_shape`` mask/auto): the pixels of the colour the
+  text names, with a little seeded error along the object's edge, as a real segmenter's would be.
+
+:func:`target_mask` is the ground truth the evaluation measures masked edits against.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from PIL import Image, ImageDraw
 from lregions_core.config import Config
 from lregions_core.interfaces import CandidateScores, EditRequest, Features
 from lregions_core.loading import heavy_import
-from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS
+from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS, SEGMENTERS
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -349,6 +353,44 @@ def _judge_noise(image: bytes, changed: np.ndarray, seed: int) -> np.ndarray:
     return np.random.default_rng(np.frombuffer(key.digest(), dtype=np.uint32)).normal(size=5)
 
 
+def target_mask(image: Image.Image, source_prompt: str | None) -> np.ndarray:
+    """(H, W) bool: the pixels of the object the source caption names (its colour)."""
+    return _near(np.asarray(image.convert("RGB")), colour_in(source_prompt))
+
+
+# Share of an object's edge pixels (inner and outer) the oracle segmenter gets wrong.
+SEGMENT_EDGE_ERROR = 0.3
+
+
+class OracleSegmenter:
+    """Stands in for CLIPSeg: the pixels of the colour the text names, with seeded errors on
+    the object's edge (each edge pixel, just inside or just outside, flipped with probability
+    :data:`SEGMENT_EDGE_ERROR`), fixed by the crop's pixels and the text. No colour in the text,
+    or none of it in the crop: an empty map (the pipeline then keeps the box)."""
+
+    name = "oracle-segmenter"
+
+    def segment(self, images: Sequence[Image.Image], texts: Sequence[str]) -> list[np.ndarray]:
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        ndimage = heavy_import("scipy.ndimage")
+        out = []
+        for image, text in zip(images, texts):
+            pixels = np.asarray(image.convert("RGB"))
+            try:
+                found = _near(pixels, colour_in(text))
+            except ValueError:  # no palette colour named: nothing to find
+                found = np.zeros(pixels.shape[:2], bool)
+            if found.any():
+                edge = ndimage.binary_dilation(found) & ~ndimage.binary_erosion(found)
+                key = hashlib.sha256(pixels.tobytes() + text.encode()).digest()
+                rng = np.random.default_rng(np.frombuffer(key, dtype=np.uint32))
+                flip = edge & (rng.random(found.shape) < SEGMENT_EDGE_ERROR)
+                found = found ^ flip
+            out.append(found.astype(np.float32))
+        return out
+
+
 @FEATURE_EXTRACTORS.register("oracle-saliency")
 def build_saliency(config: Config) -> SaliencyFeatures:
     return SaliencyFeatures()
@@ -357,6 +399,11 @@ def build_saliency(config: Config) -> SaliencyFeatures:
 @EDITORS.register("oracle-painter")
 def build_painter(config: Config) -> Painter:
     return Painter(config.editor_steps)
+
+
+@SEGMENTERS.register("oracle-segmenter")
+def build_oracle_segmenter(config: Config) -> OracleSegmenter:
+    return OracleSegmenter()
 
 
 @SCORERS.register("oracle")

@@ -1,12 +1,13 @@
-"""The method end to end for one image: features, anchors, proposals, region choice, selection,
-paste-back. Each stage is a public function so a batch pipeline can cache stages separately;
-:func:`edit_image` runs them in order.
+"""The method end to end for one image: features, anchors, proposals, region choice, object
+masks (``region_shape`` mask/auto), selection, paste-back. Each stage is a public function so a
+batch pipeline can cache stages separately; :func:`edit_image` runs them in order.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,39 +22,60 @@ from lregions_core.anchors import (
     refine_cells,
 )
 from lregions_core.config import Config
-from lregions_core.images import input_box, paste_back, paste_region, to_working
-from lregions_core.interfaces import CandidateScores, Editor, FeatureExtractor, Features, Scorer
+from lregions_core.images import (
+    Matte,
+    box_matte,
+    changed_region,
+    compose,
+    edit_layer,
+    input_box,
+    mask_matte,
+    pixel_box,
+    to_working,
+)
+from lregions_core.interfaces import (
+    CandidateScores,
+    Editor,
+    FeatureExtractor,
+    Features,
+    Scorer,
+    Segmenter,
+)
 from lregions_core.learner import Candidate, CandidateBank, RegionOutcome, choose_regions
 from lregions_core.loading import heavy_import, load_once
 from lregions_core.models.weights import WeightsUnavailableError
-from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS
+from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS, SEGMENTERS
 from lregions_core.selection import select_best
 
 
 def register_components() -> None:
     """Import every adapter module so its components are in the registries (cheap: adapters
     import their heavy libraries only when a model is built)."""
-    for module in ("clip", "dino", "editors"):
+    for module in ("clip", "dino", "editors", "segmenter"):
         heavy_import(f"lregions_core.models.{module}")
     heavy_import("lregions_core.oracle")
 
 
 @dataclass
 class Models:
-    """The three components a config names; adapters cache loaded weights per process, so
-    building this twice with the same config does not reload anything."""
+    """The components a config names; adapters cache loaded weights per process, so building
+    this twice with the same config does not reload anything. The segmenter is built only when
+    ``region_shape`` needs one."""
 
     features: FeatureExtractor
     scorer: Scorer
     editor: Editor
+    segmenter: Segmenter | None = None
 
     @classmethod
     def load(cls, config: Config) -> Models:
         register_components()
+        needs_segmenter = config.region_shape != "box"
         return cls(
             features=FEATURE_EXTRACTORS.build(config.features, config),
             scorer=SCORERS.build(config.scorer, config),
             editor=EDITORS.build(config.editor, config),
+            segmenter=SEGMENTERS.build(config.segmenter, config) if needs_segmenter else None,
         )
 
 
@@ -91,10 +113,13 @@ class EditResult:
     name says ``work``."""
 
     image: Image.Image  # final edit, input size, RGB
+    layer: Image.Image  # the edit as an RGBA layer: input composited with it gives ``image``
     box: tuple[int, int, int, int]  # chosen region in input pixels (outward-rounded)
     changed_region: tuple[int, int, int, int]  # outside this rectangle output == input
     chosen: int  # index into candidates
-    candidates: list[Candidate]  # one per anchor (working-size images)
+    # One per anchor (working-size images); with region_shape "auto", each anchor's box edit
+    # and then the mask edits of the anchors whose box the segmenter found the object in.
+    candidates: list[Candidate]
     selection: np.ndarray  # selection score per candidate (-inf outside the top-k by text)
     anchors: np.ndarray  # (N, 2) anchor points (x, y), input pixels
     proposals: np.ndarray  # (N, K, 4) input pixels
@@ -102,6 +127,8 @@ class EditResult:
     work_size: tuple[int, int]
     editor_requests: int
     denoise_steps: int
+    # Why an anchor's box was not refined into a mask (no caption, nothing found): anchor -> why.
+    mask_fallbacks: dict[int, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -112,6 +139,8 @@ class EditResult:
             "changed_region": list(self.changed_region),
             "anchor": best.anchor,
             "proposal": best.proposal,
+            "shape": best.shape,
+            "mask_fallbacks": {str(a): why for a, why in self.mask_fallbacks.items()},
             "scores": vars(best.scores).copy(),
             "loss": best.loss,
             "selection": [None if not np.isfinite(s) else float(s) for s in self.selection],
@@ -163,7 +192,91 @@ def find_regions(
     """Anchors, proposals and one edited box per anchor (by ``config.mode``) for a working
     image; the bank holds every edit made and its cost."""
     proposals = propose(config, features, work.size, seed)
-    bank = CandidateBank(
+    bank = new_bank(config, models, work, prompt, source_prompt, seed)
+    outcome = choose_regions(config, features, proposals.boxes, work.size, bank, seed)
+    return proposals, outcome, bank
+
+
+NO_CAPTION = "no source caption, so nothing to segment: the box is edited"
+
+
+def object_masks(
+    config: Config,
+    segmenter: Segmenter,
+    work: Image.Image,
+    boxes: list[tuple[float, float, float, float]],
+    caption: str | None,
+) -> list[tuple[Image.Image | None, str | None]]:
+    """For each box (working pixels), the mask of what ``caption`` names inside it, grown by
+    ``mask_grow`` pixels and cut to the box (mode "L" at the working size), or None and why
+    not: no caption, or no pixel of the segmenter's map above ``mask_threshold``."""
+    if not caption or not caption.strip():
+        return [(None, NO_CAPTION)] * len(boxes)
+    rects = [pixel_box(box, work.size) for box in boxes]
+    usable = [i for i, (x0, y0, x1, y1) in enumerate(rects) if x1 > x0 and y1 > y0]
+    maps = dict(zip(usable, segmenter.segment([work.crop(rects[i]) for i in usable],
+                                              [caption] * len(usable))))
+    ndimage = heavy_import("scipy.ndimage")
+    out: list[tuple[Image.Image | None, str | None]] = []
+    for i, (x0, y0, x1, y1) in enumerate(rects):
+        found = maps[i] >= config.mask_threshold if i in maps else np.zeros((0, 0), bool)
+        if not found.any():
+            out.append((None, f"the segmenter found no {caption.strip()!r} in the box (no "
+                              f"pixel above mask_threshold={config.mask_threshold}): the box is "
+                              f"edited"))
+            continue
+        if config.mask_grow > 0:
+            found = ndimage.distance_transform_edt(~found) <= config.mask_grow
+        full = np.zeros((work.height, work.width), np.uint8)
+        full[y0:y1, x0:x1] = np.where(found, 255, 0)
+        out.append((Image.fromarray(full, "L"), None))
+    return out
+
+
+def refine_regions(
+    config: Config,
+    segmenter: Segmenter,
+    bank: CandidateBank,
+    boxes: list[tuple[int, int, Sequence[float]]],
+    caption: str | None,
+) -> tuple[dict[int, Candidate], dict[int, str]]:
+    """The object-mask edit of each ``(anchor, proposal, box)`` (edited and scored through
+    ``bank``, in one editor call), by index into ``boxes``, and why the others have none."""
+    found = object_masks(config, segmenter, bank.image, [box for *_, box in boxes], caption)
+    masked = [i for i, (mask, _) in enumerate(found) if mask is not None]
+    edits = bank.fetch_masked([(*boxes[i], found[i][0]) for i in masked])
+    fallbacks = {i: why for i, (mask, why) in enumerate(found) if mask is None}
+    return dict(zip(masked, edits)), fallbacks  # type: ignore[arg-type]
+
+
+def combine_shapes(region_shape: str, boxes: int, masked: set[int] | list[int]) -> list[tuple[str, int]]:
+    """The candidates selection sees, as ("box" | "mask", index of the box candidate): the boxes
+    (``box``), each box replaced by its mask edit where there is one (``mask``), or the boxes
+    followed by every mask edit (``auto``)."""
+    if region_shape == "box":
+        return [("box", i) for i in range(boxes)]
+    if region_shape == "mask":
+        return [("mask" if i in masked else "box", i) for i in range(boxes)]
+    return [("box", i) for i in range(boxes)] + [("mask", i) for i in sorted(masked)]
+
+
+def candidate_matte(
+    config: Config, source_size: tuple[int, int], box_work, work_size: tuple[int, int],
+    mask: Image.Image | None,
+) -> Matte:
+    """How much of a candidate's edit each input pixel takes: the object mask's matte (soft over
+    ``mask_grow`` working pixels) for a mask edit, else the box's (``feather`` input pixels)."""
+    if mask is not None:
+        return mask_matte(source_size, mask, box_work, work_size, config.mask_grow)
+    return box_matte(source_size, box_work, work_size, config.feather)
+
+
+def new_bank(
+    config: Config, models: Models, work: Image.Image, prompt: str, source_prompt: str | None,
+    seed: int,
+) -> CandidateBank:
+    """An empty memo of edits of ``work`` for ``prompt`` (the scorer's shared context made)."""
+    return CandidateBank(
         editor=models.editor,
         scorer=models.scorer,
         context=models.scorer.prepare(work, prompt, source_prompt),
@@ -172,8 +285,14 @@ def find_regions(
         seed=seed,
         loss_weights=(config.w_clip, config.w_dir, config.w_str),
     )
-    outcome = choose_regions(config, features, proposals.boxes, work.size, bank, seed)
-    return proposals, outcome, bank
+
+
+def segmenter_of(config: Config, models: Models) -> Segmenter:
+    """The config's segmenter (models loaded for region_shape box have none: built now)."""
+    if models.segmenter is not None:
+        return models.segmenter
+    register_components()
+    return SEGMENTERS.build(config.segmenter, config)
 
 
 def select(config: Config, scores: list[CandidateScores]) -> tuple[int, np.ndarray]:
@@ -222,19 +341,31 @@ def edit_image(
         config, models, work, features, prompt, source_prompt, seed
     )
     lap("regions")
-    best, selection = select(config, [c.scores for c in outcome.candidates])
-    chosen = outcome.candidates[best]
-    final = paste_back(source, chosen.image, chosen.box, work.size, config.feather)
+    candidates, fallbacks = outcome.candidates, {}
+    if config.region_shape != "box":
+        masked, why = refine_regions(
+            config, segmenter_of(config, models), bank,
+            [(c.anchor, c.proposal, c.box) for c in outcome.candidates], source_prompt)
+        picks = combine_shapes(config.region_shape, len(candidates), set(masked))
+        candidates = [masked[i] if kind == "mask" else outcome.candidates[i] for kind, i in picks]
+        fallbacks = {outcome.candidates[i].anchor: text for i, text in why.items()}
+        lap("masks")
+    best, selection = select(config, [c.scores for c in candidates])
+    chosen = candidates[best]
+    matte = candidate_matte(config, source.size, chosen.box, work.size, chosen.mask)
+    final = compose(source, chosen.image, work.size, matte)
+    layer = edit_layer(source.size, chosen.image, work.size, matte)
     lap("compose")
     to_input = np.array(
         [source.width / work.width, source.height / work.height] * 2, dtype=np.float64
     )
     return EditResult(
         image=final,
+        layer=layer,
         box=input_box(source.size, chosen.box, work.size) or (0, 0, 0, 0),
-        changed_region=paste_region(source.size, chosen.box, work.size, config.feather),
+        changed_region=changed_region(matte),
         chosen=best,
-        candidates=outcome.candidates,
+        candidates=candidates,
         selection=selection,
         anchors=proposals.centres * to_input[:2],
         proposals=proposals.boxes * to_input,
@@ -242,5 +373,6 @@ def edit_image(
         work_size=work.size,
         editor_requests=bank.editor_requests,
         denoise_steps=bank.denoise_steps,
+        mask_fallbacks=fallbacks,
         seconds=seconds,
     )

@@ -1,13 +1,15 @@
-"""The method split into cacheable stages for batch runs: ingest, features, regions, select,
-outputs, evaluate. Each stage stores its large results itself (PNG, JSON, Parquet) at an address
+"""The method split into cacheable stages for batch runs: ingest, features, regions, masks,
+select, outputs, evaluate. Each stage stores its large results itself (PNG, JSON, Parquet) at an address
 made of content hashes, the settings that stage reads (:data:`STAGE_SETTINGS`) and the library
 version, so a finished stage is found again after a restart and a changed setting recomputes only
 the stages that read it. Stages pass small JSON-ready dicts between them.
 
 Every pixel is stored once: the normalised input in ``cache/images/``, each candidate edit in
-``cache/regions/<key>/``. An item (``items/<id>/``) holds its final image, an overlay and
-``result.json``, whose ``input`` and ``candidates[i].image`` refer to those files by paths
-relative to the item's folder (``keep_candidates`` decides which candidates stay).
+``cache/regions/<key>/`` (boxes) or ``cache/masks/<key>/`` (object-mask edits and their masks,
+``region_shape`` mask/auto). An item (``items/<id>/``) holds its final image, its edit layer
+(``layer.png``, ``keep_layers``), an overlay and ``result.json``, whose ``input``, ``mask`` and
+``candidates[i].image`` refer to those files by paths relative to the item's folder
+(``keep_candidates`` decides which candidates stay).
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from lregions_core import pipeline
 from lregions_core.config import Config
 from lregions_core.images import (
     ImageLoadError,
+    changed_region,
+    compose,
+    edit_layer,
     input_box,
     load_image,
-    paste_back,
-    paste_region,
     read_source,
     to_working,
 )
@@ -54,11 +57,14 @@ REGION_SETTINGS = FEATURE_SETTINGS + (
     "iterations", "lr", "tau", "estimator", "rgn_context", "rgn_steps", "rgn_sampling",
     "rgn_settle", "rgn_focus", "rgn_warmup", "rgn_patience", "rgn_final", "w_clip", "w_dir", "w_str",
 )
-SELECT_SETTINGS = ("select_text_weight", "select_image_weight", "select_top_k")
-OUTPUT_SETTINGS = ("feather", "keep_candidates")
+# The object masks inside each anchor's box and their edits (region_shape mask/auto); mask and
+# auto share them, region_shape itself decides only what selection sees.
+MASK_SETTINGS = ("segmenter", "segmenter_model", "segmenter_kwargs", "mask_threshold", "mask_grow")
+SELECT_SETTINGS = ("region_shape", "select_text_weight", "select_image_weight", "select_top_k")
+OUTPUT_SETTINGS = ("feather", "keep_candidates", "keep_layers")
 # What an item folder holds and how result.json refers to pixels. Part of the item key: items
 # written in an older layout are written again (features and regions are reused).
-ITEM_LAYOUT = 2
+ITEM_LAYOUT = 3
 # Settings that change where or how fast work runs, not its result.
 OPERATIONAL_SETTINGS = (
     "device", "dtype", "weights_dir", "edit_batch", "vae_slicing", "compile_unet", "seed",
@@ -66,6 +72,7 @@ OPERATIONAL_SETTINGS = (
 STAGE_SETTINGS = {
     "features": FEATURE_SETTINGS,
     "regions": REGION_SETTINGS,
+    "masks": MASK_SETTINGS,
     "select": SELECT_SETTINGS,
     "outputs": OUTPUT_SETTINGS,
 }
@@ -98,10 +105,12 @@ def plan(row: ManifestRow, image_hash: str, config: Config) -> dict:
     features_key = stage_key("features", config, image_hash)
     regions_key = stage_key("regions", config, features_key, row.prompt, row.source,
                             row_seed(row, config))
+    masks_key = stage_key("masks", config, regions_key) if config.region_shape != "box" else None
     return {
         "features_key": features_key,
         "regions_key": regions_key,
-        "item_key": _hash(regions_key, config.digest(SELECT_SETTINGS + OUTPUT_SETTINGS),
+        "masks_key": masks_key,
+        "item_key": _hash(regions_key, masks_key, config.digest(SELECT_SETTINGS + OUTPUT_SETTINGS),
                           library_version(), ITEM_LAYOUT),
     }
 
@@ -169,17 +178,27 @@ def candidate_png(regions_path: str, index: int) -> str:
     return f"{regions_path}/cand_{index:02d}.png"
 
 
-def _regions_complete(store: Store, folder: str) -> bool:
-    """A regions result is complete when ``candidates.json`` (written last) and every candidate
-    image are there. ``keep_candidates`` may have pruned images since; then it is recomputed."""
+def mask_png(masks_path: str, index: int) -> str:
+    return f"{masks_path}/mask_{index:02d}.png"
+
+
+def _complete(store: Store, folder: str, summary: str, pngs: Callable[[dict], list[str]]) -> bool:
+    """A stage's folder is complete when its ``summary`` JSON (written last) and every image
+    ``pngs(summary)`` names are there. ``keep_candidates`` may have pruned images since; then
+    the stage is recomputed."""
     names = set(store.listdir(folder))
-    if "candidates.json" not in names:
+    if summary not in names:
         return False
     try:
-        count = len(store.read_json(f"{folder}/candidates.json")["candidates"])
+        wanted = pngs(store.read_json(f"{folder}/{summary}"))
     except (ValueError, KeyError, OSError):
         return False
-    return all(posixpath.basename(candidate_png(folder, i)) in names for i in range(count))
+    return all(posixpath.basename(png) in names for png in wanted)
+
+
+def _regions_complete(store: Store, folder: str) -> bool:
+    return _complete(store, folder, "candidates.json", lambda found: [
+        candidate_png(folder, i) for i in range(len(found["candidates"]))])
 
 
 def regions(
@@ -191,7 +210,7 @@ def regions(
     if _regions_complete(store, folder):
         return {"regions_path": folder}
     loaded = models()
-    work = to_working(store.read_png(state["image_path"]), config.work_size, config.work_multiple)
+    work = _working(state, config, store)
     feats = load_features(store, state["features_path"])
     proposals, outcome, bank = pipeline.find_regions(
         config, loaded, work, feats, row.prompt, row.source, seed
@@ -217,11 +236,75 @@ def regions(
     return {"regions_path": folder}
 
 
+def _working(state: dict, config: Config, store: Store) -> Image.Image:
+    return to_working(store.read_png(state["image_path"]), config.work_size, config.work_multiple)
+
+
+# -- masks (region_shape mask/auto; on the GPU stage's workers) ---------------------------------
+def masks_folder(state: dict) -> str | None:
+    """Where the masks stage of a planned row keeps its edits, or None with region_shape box."""
+    if not state.get("masks_key"):
+        return None
+    return f"cache/masks/{state['image_hash']}-{state['masks_key']}"
+
+
+def masks(row: ManifestRow, state: dict, config: Config, store: Store, models: Callable) -> dict:
+    """Each anchor's box refined into the mask of what the source caption names inside it, and
+    that mask edited and scored (see :func:`pipeline.refine_regions`); boxes where the segmenter
+    found nothing, or every box without a caption, keep the box and say why (``fallbacks``)."""
+    folder = masks_folder(state)
+    if folder is None:
+        return {"masks_path": None}
+
+    def pngs(found: dict) -> list[str]:
+        return [p for c in found["candidates"]
+                for p in (candidate_png(folder, c["source"]), mask_png(folder, c["source"]))]
+
+    if _complete(store, folder, "masks.json", pngs):
+        return {"masks_path": folder}
+    boxes = store.read_json(f"{state['regions_path']}/candidates.json")["candidates"]
+    loaded = models()
+    bank = pipeline.new_bank(config, loaded, _working(state, config, store), row.prompt,
+                             row.source, row_seed(row, config))
+    segmenter = pipeline.segmenter_of(config, loaded)
+    masked, fallbacks = pipeline.refine_regions(
+        config, segmenter, bank, [(c["anchor"], c["proposal"], c["box"]) for c in boxes],
+        row.source)
+    records = []
+    for i, cand in sorted(masked.items()):
+        store.write_png(candidate_png(folder, i), cand.image)
+        store.write_png(mask_png(folder, i), cand.mask)
+        records.append({"source": i, "anchor": cand.anchor, "proposal": cand.proposal,
+                        "box": cand.box, "loss": cand.loss, "scores": vars(cand.scores)})
+    store.write_json(f"{folder}/masks.json", {
+        "candidates": records,
+        "fallbacks": {str(i): why for i, why in fallbacks.items()},
+        "editor_requests": bank.editor_requests,
+        "denoise_steps": bank.denoise_steps,
+    })
+    return {"masks_path": folder}
+
+
 # -- selection and outputs ----------------------------------------------------------------------
-def select(state: dict, config: Config, store: Store) -> dict:
+def candidates_of(state: dict, config: Config, store: Store) -> tuple[list[dict], dict, dict]:
+    """The candidates selection sees (``region_shape``, see :func:`pipeline.combine_shapes`),
+    each a record with ``shape``, ``path`` (its image) and ``mask_path`` (None for a box); the
+    regions stage's summary; the masks stage's (empty with region_shape box)."""
     found = store.read_json(f"{state['regions_path']}/candidates.json")
-    scores = [CandidateScores(**c["scores"]) for c in found["candidates"]]
-    best, selection = pipeline.select(config, scores)
+    boxes = [{**c, "shape": "box", "path": candidate_png(state["regions_path"], i),
+              "mask_path": None} for i, c in enumerate(found["candidates"])]
+    folder = state.get("masks_path")
+    refined = store.read_json(f"{folder}/masks.json") if folder else {"candidates": []}
+    masked = {c["source"]: {**c, "shape": "mask", "path": candidate_png(folder, c["source"]),
+                            "mask_path": mask_png(folder, c["source"])}
+              for c in refined["candidates"]}
+    picks = pipeline.combine_shapes(config.region_shape, len(boxes), set(masked))
+    return [masked[i] if kind == "mask" else boxes[i] for kind, i in picks], found, refined
+
+
+def select(state: dict, config: Config, store: Store) -> dict:
+    cands, _, _ = candidates_of(state, config, store)
+    best, selection = pipeline.select(config, [CandidateScores(**c["scores"]) for c in cands])
     return {"chosen": best, "selection": [float(s) if np.isfinite(s) else None for s in selection]}
 
 
@@ -258,47 +341,65 @@ def resolve_ref(items: str, item_id: str, ref: str) -> str:
 def outputs(
     row: ManifestRow, state: dict, config: Config, store: Store, items: str = "items"
 ) -> dict:
-    """``<items>/<id>/``: overlay, final image, then result.json (last, so its presence means
-    the item is complete). The input and the candidates are referred to, not copied.
-    ``final_path`` is relative to the folder holding ``items`` (where that run's index goes)."""
+    """``<items>/<id>/``: overlay, edit layer (``keep_layers``), final image, then result.json
+    (last, so its presence means the item is complete). The input, the candidates and the chosen
+    object mask are referred to, not copied. ``final_path`` is relative to the folder holding
+    ``items`` (where that run's index goes)."""
     item = f"{items}/{row.id}"
-    found = store.read_json(f"{state['regions_path']}/candidates.json")
+    cands, found, refined = candidates_of(state, config, store)
     source = store.read_png(state["image_path"])
     work_size = tuple(found["work_size"])
     chosen = state["chosen"]
-    cands = found["candidates"]
-    box_work = cands[chosen]["box"]
-    edited = store.read_png(candidate_png(state["regions_path"], chosen))
-    final = paste_back(source, edited, box_work, work_size, config.feather)
+    best = cands[chosen]
+    edited = store.read_png(best["path"])
+    mask = store.read_png(best["mask_path"], mode="L") if best["mask_path"] else None
+    matte = pipeline.candidate_matte(config, source.size, best["box"], work_size, mask)
+    final = compose(source, edited, work_size, matte)
     to_input = [source.width / work_size[0], source.height / work_size[1]] * 2
     boxes_in = [[v * s for v, s in zip(c["box"], to_input)] for c in cands]
     anchors_in = np.asarray(found["anchors"]) * np.asarray(to_input[:2])
     store.write_png(f"{item}/overlay.png", overlay(source, anchors_in, boxes_in, chosen))
+    if config.keep_layers:
+        store.write_png(f"{item}/layer.png", edit_layer(source.size, edited, work_size, matte))
     store.write_png(f"{item}/final.png", final)
-    box = list(input_box(source.size, box_work, work_size) or (0, 0, 0, 0))
+    box = list(input_box(source.size, best["box"], work_size) or (0, 0, 0, 0))
     kept = kept_candidates(config.keep_candidates, len(cands), chosen)
-    images = [item_ref(items, row.id, candidate_png(state["regions_path"], i)) if i in kept
-              else None for i in range(len(cands))]
+
+    def ref(rel: str | None) -> str | None:
+        return None if rel is None else item_ref(items, row.id, rel)
+
+    fallbacks = {str(found["candidates"][int(i)]["anchor"]): why
+                 for i, why in refined.get("fallbacks", {}).items()}
     result = {
         "id": row.id,
         "item_key": state["item_key"],
         "manifest_row": row.to_record(),
         "input": item_ref(items, row.id, state["image_path"]),
         "regions_path": state["regions_path"],
+        "masks_path": state.get("masks_path"),
         "box": box,
-        "changed_region": list(paste_region(source.size, box_work, work_size, config.feather)),
+        "changed_region": list(changed_region(matte)),
+        "region_shape": config.region_shape,
+        "shape": best["shape"],
+        "mask": ref(best["mask_path"]),
+        # anchor -> why its box was not refined into a mask (no caption, nothing found)
+        "mask_fallbacks": fallbacks,
+        "layer": "layer.png" if config.keep_layers else None,
         "chosen": chosen,
-        "scores": cands[chosen]["scores"],
-        "loss": cands[chosen]["loss"],
+        "scores": best["scores"],
+        "loss": best["loss"],
         "selection": state["selection"],
-        "candidates": [{**c, "box_input": b, "image": image}
-                       for c, b, image in zip(cands, boxes_in, images)],
+        "candidates": [{"anchor": c["anchor"], "proposal": c["proposal"], "box": c["box"],
+                        "loss": c["loss"], "scores": c["scores"], "shape": c["shape"],
+                        "box_input": b, "image": ref(c["path"]) if i in kept else None,
+                        "mask": ref(c["mask_path"]), "path": c["path"]}
+                       for i, (c, b) in enumerate(zip(cands, boxes_in))],
         "keep_candidates": config.keep_candidates,
         "anchors": anchors_in,
         "box_probs": found["probs"],
         "param_change": found["param_change"],
-        "editor_requests": found["editor_requests"],
-        "denoise_steps": found["denoise_steps"],
+        "editor_requests": found["editor_requests"] + refined.get("editor_requests", 0),
+        "denoise_steps": found["denoise_steps"] + refined.get("denoise_steps", 0),
         "config_hash": config.digest(),
         "seed": row_seed(row, config),
         "library_version": library_version(),
@@ -307,17 +408,22 @@ def outputs(
     return {"final_path": f"items/{row.id}/final.png", "box": box, "result": result}
 
 
-def prune_candidates(store: Store, result: dict) -> None:
-    """Delete the candidate images an item does not keep (see ``keep_candidates``). Call it only
-    once no row in flight may still read them: a later row that needs them recomputes them."""
-    folder = result.get("regions_path")
+def prune_candidates(store: Store, result: dict, busy: set[str] | frozenset[str] = frozenset()
+                     ) -> None:
+    """Delete the candidate images an item does not keep (see ``keep_candidates``) from its
+    regions and masks folders, except folders in ``busy``. Call it only once no row in flight
+    may still read them: a later row that needs them recomputes them."""
     keep = result.get("keep_candidates", "all")
-    if not folder or keep == "all":
+    if keep == "all":
         return
-    kept = {candidate_png(folder, i)
-            for i in kept_candidates(keep, len(result["candidates"]), result["chosen"])}
-    present = [f"{folder}/{name}" for name in store.listdir(folder) if name.endswith(".png")]
-    store.remove([rel for rel in present if rel not in kept])
+    cands = result["candidates"]
+    kept = {cands[i]["path"] for i in kept_candidates(keep, len(cands), result["chosen"])}
+    for folder in (result.get("regions_path"), result.get("masks_path")):
+        if not folder or folder in busy:
+            continue
+        present = [f"{folder}/{name}" for name in store.listdir(folder)
+                   if name.startswith("cand_") and name.endswith(".png")]
+        store.remove([rel for rel in present if rel not in kept])
 
 
 def finished_item(row: ManifestRow, state: dict, store: Store, items: str = "items") -> dict | None:

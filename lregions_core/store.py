@@ -148,10 +148,10 @@ class Store:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
-    def read_png(self, rel: str) -> Image.Image:
+    def read_png(self, rel: str, mode: str = "RGB") -> Image.Image:
         image = Image.open(io.BytesIO(self.read_bytes(rel)))
         image.load()
-        return image.convert("RGB")
+        return image.convert(mode)
 
     def read_parquet(self, rel: str):
         pd = heavy_import("pandas")

@@ -42,7 +42,7 @@ def test_demo_manifest_end_to_end_then_rerun_reuses_everything(prefect_server, t
     for row in table.itertuples():
         item = out / "items" / row.id
         assert sorted(p.name for p in item.iterdir()) == [
-            "final.png", "metrics.json", "overlay.png", "result.json"]
+            "final.png", "layer.png", "metrics.json", "overlay.png", "result.json"]
         result = json.loads((item / "result.json").read_text())
         cands = [(item / c["image"]).resolve() for c in result["candidates"]]
         assert len(cands) == 9 and all(p.is_file() for p in cands)
@@ -54,7 +54,7 @@ def test_demo_manifest_end_to_end_then_rerun_reuses_everything(prefect_server, t
     assert not list(out.rglob("*.tmp")) and not (out / "index-parts").exists()
     # every candidate image is stored once, in the regions cache (items refer to it)
     pngs = [p for p in out.rglob("*.png") if "report_files" not in p.parts]
-    assert len(pngs) == 4 * 9 + 4 * 2 + 4  # candidates; final + overlay per item; inputs
+    assert len(pngs) == 4 * 9 + 4 * 3 + 4  # candidates; final, layer, overlay per item; inputs
     assert table["metrics_weights"].eq("random").all()  # tiny preset: said, not hidden
     assert table["clip_text_image"].notna().all() and table["box_iou"].isna().all()
 
