@@ -221,9 +221,9 @@ def object_masks(
     for i, (x0, y0, x1, y1) in enumerate(rects):
         found = maps[i] >= config.mask_threshold if i in maps else np.zeros((0, 0), bool)
         if not found.any():
-            out.append((None, f"the segmenter found no {caption.strip()!r} in the box (no "
-                              f"pixel above mask_threshold={config.mask_threshold}): the box is "
-                              f"edited"))
+            why = (f"the segmenter found no {caption.strip()!r} in the box (no pixel above "
+                   f"mask_threshold={config.mask_threshold}): the box is edited")
+            out.append((None, why))
             continue
         if config.mask_grow > 0:
             found = ndimage.distance_transform_edt(~found) <= config.mask_grow
