@@ -31,11 +31,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from lregions_core.loading import heavy_import
 
 __all__ = [
+    "CHANGE_THRESHOLD",
     "MAX_PIXELS",
     "ImageLoadError",
     "Matte",
     "box_mask",
     "box_matte",
+    "changed_pixels",
     "compose",
     "edit_layer",
     "load_image",
@@ -227,6 +229,19 @@ def load_image(
             # Plugins report malformed headers with any of these.
             raise ImageLoadError(path, f"corrupt image header: {e}") from None
     return out
+
+
+CHANGE_THRESHOLD = 24
+"""A pixel counts as changed when any channel moved by more than this (of 255)."""
+
+
+def changed_pixels(image: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """(H, W) bool: where any channel of ``image`` differs from ``source`` by more than
+    :data:`CHANGE_THRESHOLD` (both (H, W, 3) arrays of 0..255 values)."""
+    # Channel by channel: numpy reduces a length-3 last axis many times slower.
+    d = np.abs(np.asarray(image, np.int16) - np.asarray(source, np.int16))
+    return (d[..., 0] > CHANGE_THRESHOLD) | (d[..., 1] > CHANGE_THRESHOLD) | (
+        d[..., 2] > CHANGE_THRESHOLD)
 
 
 def _round_multiple(x: float, multiple: int) -> int:

@@ -4,7 +4,10 @@ The conventions are the field's (PIE-Bench style): CLIP text-image similarity ov
 image and inside the edited region, CLIP image-image and directional similarity, background
 preservation (MSE, PSNR, SSIM, LPIPS) outside the edited region, structure distance as the MSE
 between DINO ViT self-similarity matrices of source and result, and the chosen box's IoU with a
-ground-truth box. The pure functions take numpy images (H, W, 3), uint8 or float in [0, 255], and compute on [0, 1] floats;
+ground-truth box. Where the object's mask is known (the oracle world's target, or the refined
+mask of a masked edit), the background *inside* the chosen box but outside the object
+(``box_bg_*``: what a box edit repaints needlessly), the share of changed pixels that lie outside
+the object and the IoU of the changed pixels with it. The pure functions take numpy images (H, W, 3), uint8 or float in [0, 255], and compute on [0, 1] floats;
 a ``mask`` is (H, W) bool, True on the pixels that COUNT (the unedited background). Every masked
 statistic is a true masked mean over the counted pixels, never a statistic of a zero-filled image
 (zero-filling drags the value towards "identical" by the share of masked-out pixels).
@@ -31,7 +34,7 @@ from PIL import Image
 
 from lregions_core.anchors import box_iou
 from lregions_core.config import Config
-from lregions_core.images import pixel_box, to_working
+from lregions_core.images import changed_pixels, pixel_box, to_working
 from lregions_core.loading import heavy_import, load_once
 from lregions_core.models.runtime import seeded
 from lregions_core.models.weights import WeightsUnavailableError
@@ -39,7 +42,9 @@ from lregions_core.models.weights import WeightsUnavailableError
 METRICS = (  # in report order
     "clip_text_image", "clip_text_image_region", "clip_image_image", "clip_directional",
     "bg_mse", "bg_psnr", "bg_ssim", "bg_lpips", "structure_distance", "box_iou",
+    "box_bg_mse", "box_bg_psnr", "changed_outside", "changed_iou",
 )
+OBJECT_METRICS = METRICS[-4:]  # need an object mask (see Evaluator.evaluate)
 CLIP_METRICS = METRICS[:4]
 LPIPS_MIN_SIDE = 31  # AlexNet's pooling leaves no feature map below 31 px per side
 NEUTRAL_SOURCE_PROMPT = "a photo"  # same T_src as the CLIP scorer when no caption is given
@@ -104,6 +109,22 @@ def background_mask(size: tuple[int, int], region: Sequence[int]) -> np.ndarray:
     mask = np.ones((h, w), dtype=bool)
     mask[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = False
     return mask
+
+
+def change_against_object(a: np.ndarray, b: np.ndarray, obj: np.ndarray) -> dict[str, float]:
+    """How an edit ``b`` of ``a`` sits on the object ``obj`` ((H, W) bool): the share of the
+    changed pixels (:func:`~lregions_core.images.changed_pixels`) outside the object
+    (``changed_outside``, 0 when nothing changed) and their IoU with it (``changed_iou``)."""
+    obj = np.asarray(obj, dtype=bool)
+    changed = changed_pixels(np.asarray(a), np.asarray(b))
+    if changed.shape != obj.shape:
+        raise ValueError(f"object mask {obj.shape} and images {changed.shape} differ in size")
+    count = int(changed.sum())
+    union = int((changed | obj).sum())
+    return {
+        "changed_outside": float((changed & ~obj).sum() / count) if count else 0.0,
+        "changed_iou": float((changed & obj).sum() / union) if union else 0.0,
+    }
 
 
 def self_similarity(tokens: np.ndarray) -> np.ndarray:
@@ -234,6 +255,8 @@ class Evaluator:
         source_prompt: str | None,
         box: Box,
         target_box: Box | None = None,
+        object_mask: np.ndarray | None = None,
+        object_from: str | None = None,
     ) -> dict[str, Any]:
         """``{"metrics": {name: float | None}, "missing": {name: reason}, "weights": ...}``.
 
@@ -242,6 +265,10 @@ class Evaluator:
         ``target_box`` when given, else outside ``box``: outside the chosen box the pixels are
         the input's by construction (paste-back), so without ground truth the bg_* metrics
         measure only the feather (and the box choice is not judged by them).
+
+        ``object_mask`` ((H, W) bool at the input's size) is the edited object where it is known
+        (``object_from`` says whence, reported as ``object_mask``); without it the
+        :data:`OBJECT_METRICS` are missing.
         """
         source, final = source.convert("RGB"), final.convert("RGB")
         if source.size != final.size:
@@ -261,9 +288,27 @@ class Evaluator:
                lambda: self._background(source, final, region, missing))
         record(("structure_distance",), lambda: self._structure(source, final))
         record(("box_iou",), lambda: self._iou(box, target_box))
+        record(OBJECT_METRICS, lambda: self._object(source, final, box, object_mask, missing))
         missing = {name: missing[name] for name in METRICS if name in missing}  # stable order
         weights = "random" if self.config.random_weights else "pretrained"
-        return {"metrics": metrics, "missing": missing, "weights": weights}
+        return {"metrics": metrics, "missing": missing, "weights": weights,
+                "object_mask": object_from if object_mask is not None else None}
+
+    @staticmethod
+    def _object(source: Image.Image, final: Image.Image, box: Box, obj: np.ndarray | None,
+                missing: dict[str, str]) -> dict[str, float | None]:
+        if obj is None:
+            raise _Missing("no object mask (a box edit outside the oracle world)")
+        a, b = np.asarray(source), np.asarray(final)
+        out: dict[str, float | None] = dict(change_against_object(a, b, obj))
+        inside = ~background_mask(source.size, pixel_box(box, source.size)) & ~np.asarray(obj)
+        if inside.any():
+            out["box_bg_mse"] = masked_mse(a, b, inside)
+            out["box_bg_psnr"] = masked_psnr(a, b, inside)
+        else:
+            missing.update(dict.fromkeys(("box_bg_mse", "box_bg_psnr"),
+                                         "the object covers the whole box"))
+        return out
 
     # --- groups of metrics; each raises _Missing when none of its metrics can be had --------
     def _clip_metrics(

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from lregions_core.config import Config
+from lregions_core.images import changed_pixels
 from lregions_core.interfaces import CandidateScores, EditRequest, Features
 from lregions_core.loading import heavy_import
 from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS, SEGMENTERS
@@ -44,7 +45,6 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 PATCH = 8  # pixels per saliency patch
 COLOUR_TOLERANCE = 50.0  # RGB distance within which a pixel "is" a named colour
-CHANGE_THRESHOLD = 24  # any channel moved by more than this counts as changed
 
 
 def colour_in(text: str | None) -> str:
@@ -62,14 +62,6 @@ def _near(pixels: np.ndarray, colour: str) -> np.ndarray:
     # distances are exact, so this is the Euclidean test exactly.
     d = pixels.astype(np.int32) - np.array(COLOURS[colour], dtype=np.int32)
     return d[..., 0] ** 2 + d[..., 1] ** 2 + d[..., 2] ** 2 < COLOUR_TOLERANCE**2
-
-
-def _changed(pixels: np.ndarray, source: np.ndarray) -> np.ndarray:
-    """Pixels where any channel moved by more than :data:`CHANGE_THRESHOLD`."""
-    d = np.abs(pixels - source)
-    return (d[..., 0] > CHANGE_THRESHOLD) | (d[..., 1] > CHANGE_THRESHOLD) | (
-        d[..., 2] > CHANGE_THRESHOLD
-    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,7 +318,7 @@ class OracleScorer:
         out = []
         for candidate, seed in zip(candidates, seeds):
             pixels = np.asarray(candidate.convert("RGB")).astype(np.int16)
-            changed = _changed(pixels, ctx.source)
+            changed = changed_pixels(pixels, ctx.source)
             coverage = float((changed & ctx.target).sum()) / area
             spill = float((changed & ~ctx.target).sum()) / area
             right = _near(pixels[changed], ctx.prompt_colour).mean() if changed.any() else 0.0

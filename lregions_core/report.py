@@ -44,7 +44,8 @@ th{background:#f2f2f2}td.n{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:0;padding:3px;border:1px solid #ddd;font-size:11px;text-align:center}
 figure img{display:block;height:160px}figure.c img{height:96px;image-rendering:pixelated}
 figure.chosen{outline:3px solid #d22;background:#fff0f0}.err{color:#b00}
-.item{margin:1em 0 1.6em}.muted{color:#777}"""
+.item{margin:1em 0 1.6em}.muted{color:#777}
+figure.layer img{background:repeating-conic-gradient(#ccc 0 25%,#fff 0 50%) 0 0/16px 16px}"""
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -180,6 +181,7 @@ def _candidate(folder: _Folder, item: str, i: int, cand: dict, chosen: Any, sel:
     src = folder.link(resolve_ref("items", item, cand["image"])) if cand.get("image") else None
     scores = cand.get("scores") or {}
     lines = [f"#{i} a{_e(cand.get('anchor'))} p{_e(cand.get('proposal'))}"
+             + (" mask" if cand.get("shape") == "mask" else "")
              + (" <b>chosen</b>" if i == chosen else ""),
              f"text {_e(scores.get('text_sim'))} img {_e(scores.get('image_sim'))}",
              f"loss {_e(cand.get('loss'))} sel {_e(sel)}"]
@@ -207,8 +209,16 @@ def _strip(folder: _Folder, row: pd.Series) -> str:
         figures.append(_candidate(folder, item_id, i, cand, chosen, sel))
     final = folder.link(row.get("final_path")) or folder.link(f"{item}/final.png")
     if final:
-        figures.append(f"<figure>{_img(final, 'final')}<figcaption>final, box "
+        shape = result.get("shape", "box")
+        figures.append(f"<figure>{_img(final, 'final')}<figcaption>final, {_e(shape)} in box "
                        f"{_e(row.get('box'))}</figcaption></figure>")
+    layer = folder.link(resolve_ref("items", item_id, result["layer"])) if result.get("layer") \
+        else None
+    if layer:  # on a checkerboard, so the layer's transparency shows
+        figures.append(f'<figure class="layer">{_img(layer, "edit layer")}'
+                       f"<figcaption>edit layer (RGBA)</figcaption></figure>")
+    for anchor, why in (result.get("mask_fallbacks") or {}).items():
+        figures.append(f'<p class="muted">anchor {_e(anchor)}: {_e(why)}</p>')
     manifest = result.get("manifest_row") or {}
     source = row.get("source") if isinstance(row.get("source"), str) else manifest.get("source")
     return (f'<div class="item" id="item-{_e(row["id"])}"><h3>{_e(row["id"])}</h3>'

@@ -40,6 +40,7 @@ from lregions_core.images import (
 from lregions_core.interfaces import CandidateScores, Features
 from lregions_core.loading import heavy_import
 from lregions_core.manifest import ManifestRow
+from lregions_core.metrics import METRICS
 from lregions_core.store import Store
 
 FEATURE_SETTINGS = (
@@ -439,10 +440,29 @@ def finished_item(row: ManifestRow, state: dict, store: Store, items: str = "ite
     return result if result.get("item_key") == state["item_key"] else None
 
 
-EVAL_SETTINGS = (
+EVAL_SETTINGS = (  # the scorer also decides whether the oracle target is the object mask
     "features", "feature_model", "feature_size", "feature_kwargs", "random_weights", "scorer",
     "clip_model", "clip_pretrained", "clip_kwargs", "work_size", "work_multiple",
 )
+
+
+def object_mask(
+    row: ManifestRow, config: Config, store: Store, items: str, result: dict,
+    source: Image.Image,
+) -> tuple[np.ndarray | None, str | None]:
+    """The edited object's mask at the input's size, and whence: the oracle world's target (the
+    source caption's colour), else the chosen edit's refined mask, else none."""
+    if config.scorer == "oracle":
+        oracle = heavy_import("lregions_core.oracle")
+        try:
+            return oracle.target_mask(source, row.source), "oracle target"
+        except ValueError:  # no palette colour in the caption: no ground truth
+            pass
+    if result.get("mask"):
+        mask = store.read_png(resolve_ref(items, row.id, result["mask"]), mode="L")
+        full = mask.resize(source.size, Image.Resampling.BILINEAR)
+        return np.asarray(full) > 127, "refined mask"
+    return None, None
 
 
 def evaluate(
@@ -452,7 +472,7 @@ def evaluate(
     """Metrics of a finished item (see :mod:`lregions_core.metrics`), stored beside it and
     reused while the item and the evaluation models are unchanged."""
     rel = f"{items}/{row.id}/metrics.json"
-    key = _hash(state["item_key"], config.digest(EVAL_SETTINGS), library_version())
+    key = _hash(state["item_key"], config.digest(EVAL_SETTINGS), library_version(), METRICS)
     if store.exists(rel):
         try:
             found = store.read_json(rel)
@@ -461,11 +481,12 @@ def evaluate(
         except (ValueError, OSError):
             pass  # unreadable: recompute
     result = state.get("result") or store.read_json(f"{items}/{row.id}/result.json")
+    source = store.read_png(resolve_ref(items, row.id, result["input"]))
+    obj, whence = object_mask(row, config, store, items, result, source)
     found = evaluator().evaluate(
-        store.read_png(resolve_ref(items, row.id, result["input"])),
-        store.read_png(f"{items}/{row.id}/final.png"),
+        source, store.read_png(f"{items}/{row.id}/final.png"),
         prompt=row.prompt, source_prompt=row.source, box=tuple(result["box"]),
-        target_box=row.target_box,
+        target_box=row.target_box, object_mask=obj, object_from=whence,
     )
     found = {"eval_key": key, **found}
     store.write_json(rel, found)

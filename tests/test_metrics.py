@@ -187,6 +187,8 @@ def test_structure_distance_by_hand():
 SOURCE = noise_image(64, 48, seed=3)
 BOX = (16, 8, 48, 40)
 TARGET = (32, 8, 64, 40)  # IoU with BOX: 16*32 / (1024 + 1024 - 512) = 512 / 1536 = 1/3
+OBJECT = np.zeros((48, 64), bool)  # the edited object: the left half of BOX
+OBJECT[8:40, 16:32] = True
 
 
 def edited(source: Image.Image) -> Image.Image:
@@ -197,6 +199,28 @@ def edited(source: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
 
 
+def test_change_against_object_counts_pixels() -> None:
+    source = np.zeros((4, 5, 3), np.uint8)
+    final = source.copy()
+    final[0, 0:3] = 200  # three changed pixels...
+    final[3, 4, 1] = 20  # ...and one moved by less than the threshold
+    obj = np.zeros((4, 5), bool)
+    obj[0:2, 0:2] = True  # two of the changed pixels, plus two unchanged
+    found = metrics.change_against_object(source, final, obj)
+    assert found == {"changed_outside": pytest.approx(1 / 3), "changed_iou": pytest.approx(2 / 5)}
+    assert metrics.change_against_object(source, source, obj) == {
+        "changed_outside": 0.0, "changed_iou": 0.0}
+    with pytest.raises(ValueError, match="differ in size"):
+        metrics.change_against_object(source, final, obj[:3])
+
+
+def test_object_metrics_missing_without_a_mask(tiny) -> None:
+    out = tiny.evaluate(SOURCE, edited(SOURCE), prompt="a red ball", source_prompt=None, box=BOX)
+    assert out["object_mask"] is None
+    for name in metrics.OBJECT_METRICS:
+        assert out["metrics"][name] is None and "no object mask" in out["missing"][name]
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return Evaluator(make_config("tiny"))
@@ -205,9 +229,10 @@ def tiny():
 def test_tiny_all_metrics_present(tiny):
     final = edited(SOURCE)
     out = tiny.evaluate(
-        SOURCE, final, prompt="a red ball", source_prompt=None, box=BOX, target_box=TARGET
+        SOURCE, final, prompt="a red ball", source_prompt=None, box=BOX, target_box=TARGET,
+        object_mask=OBJECT, object_from="test",
     )
-    assert out["weights"] == "random"
+    assert out["weights"] == "random" and out["object_mask"] == "test"
     assert set(out["metrics"]) == set(METRICS)
     for name, value in out["metrics"].items():
         if name == "bg_lpips" and value is None:
@@ -223,6 +248,14 @@ def test_tiny_all_metrics_present(tiny):
     assert m["bg_mse"] == pytest.approx(masked_mse(src, fin, mask))
     assert m["bg_psnr"] == pytest.approx(masked_psnr(src, fin, mask))
     assert m["bg_ssim"] == pytest.approx(masked_ssim(src, fin, mask))
+    # Inside the box, outside the object: the box's right half, where the edit changed a lot.
+    inside = np.zeros((48, 64), bool)
+    inside[8:40, 32:48] = True
+    assert m["box_bg_mse"] == pytest.approx(masked_mse(src, fin, inside)) and m["box_bg_mse"] > 0.01
+    changed = (np.abs(fin.astype(int) - src.astype(int)) > 24).any(-1)
+    assert m["changed_outside"] == pytest.approx((changed & ~OBJECT).sum() / changed.sum())
+    assert m["changed_iou"] == pytest.approx((changed & OBJECT).sum() / (changed | OBJECT).sum())
+    assert 0.3 < m["changed_outside"] < 0.7  # half the noisy box is outside the object
     # CLIP numbers from the scorer's own embeddings: cosines of the right pairs.
     scorer, _ = metrics._model("clip", tiny._keys["clip"])
     e_fin, e_src, e_reg = scorer.embed([final, SOURCE, final.crop(BOX)])
@@ -251,7 +284,8 @@ def test_tiny_identical_images(tiny):
     if m["bg_lpips"] is not None:
         assert m["bg_lpips"] == pytest.approx(0.0, abs=1e-6)
     assert m["box_iou"] is None
-    assert out["missing"] == {"box_iou": "no target_box in the manifest"}
+    assert out["missing"].pop("box_iou") == "no target_box in the manifest"
+    assert set(out["missing"]) == set(metrics.OBJECT_METRICS)  # no object mask given
 
 
 def test_tiny_lpips_masked_mean(tiny):
