@@ -362,6 +362,8 @@ def outputs(
     store.write_png(f"{item}/overlay.png", overlay(source, anchors_in, boxes_in, chosen))
     if config.keep_layers:
         store.write_png(f"{item}/layer.png", edit_layer(source.size, edited, work_size, matte))
+    elif store.exists(f"{item}/layer.png"):  # an earlier run's layer would not match this edit
+        store.remove([f"{item}/layer.png"])
     store.write_png(f"{item}/final.png", final)
     box = list(input_box(source.size, best["box"], work_size) or (0, 0, 0, 0))
     kept = kept_candidates(config.keep_candidates, len(cands), chosen)
