@@ -33,6 +33,8 @@ def _cmd_edit_image(args: argparse.Namespace) -> int:
     out = Store(args.out)  # every file written atomically
     for i, cand in enumerate(result.candidates):
         out.write_png(f"candidates/{i:02d}.png", cand.image)
+    if config.keep_layers:
+        out.write_png("layer.png", result.layer)
     out.write_png("final.png", result.image)
     record = {
         "image": args.image,
@@ -46,7 +48,8 @@ def _cmd_edit_image(args: argparse.Namespace) -> int:
     }
     out.write_json("result.json", record)
     print(
-        f"box {result.box} from anchor {record['anchor']}, {result.editor_requests} edits "
+        f"{record['shape']} in box {result.box} from anchor {record['anchor']}, "
+        f"{result.editor_requests} edits "
         f"({result.denoise_steps} denoising steps) -> {out.path('final.png')}"
     )
     return 0

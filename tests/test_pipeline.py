@@ -112,6 +112,8 @@ def test_cli_edit_image_writes_outputs(tmp_path):
     assert record["config"]["num_anchors"] == 2 and len(record["anchors"]) == 2
     final = Image.open(tmp_path / "out" / "final.png")
     assert final.size == (150, 100)
+    layer = Image.open(tmp_path / "out" / "layer.png")
+    assert layer.mode == "RGBA" and layer.size == (150, 100) and record["shape"] == "box"
     assert len(list((tmp_path / "out" / "candidates").glob("*.png"))) == 2
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
