@@ -44,6 +44,7 @@ __all__ = [
     "mask_matte",
     "paste_back",
     "paste_region",
+    "render",
     "scale_box",
     "to_working",
     "working_size",
@@ -398,15 +399,38 @@ def _upsampled(edited: Image.Image, work_size: tuple[int, int], size: tuple[int,
     return np.asarray(_to_rgb(edited).resize(size, Image.Resampling.BICUBIC))
 
 
+def render(
+    source: Image.Image, edited: Image.Image, work_size: tuple[int, int], matte: Matte,
+    *, layer: bool = True,
+) -> tuple[Image.Image, Image.Image | None]:
+    """The final image (:func:`compose`) and, with ``layer``, the edit layer
+    (:func:`edit_layer`), from one bicubic upsampling of ``edited``."""
+    src = _to_rgb(source)
+    up = _upsampled(edited, work_size, src.size)
+    return _blend(src, up, matte), _layer(src.size, up, matte) if layer else None
+
+
 def compose(
     source: Image.Image, edited: Image.Image, work_size: tuple[int, int], matte: Matte
 ) -> Image.Image:
     """The final image: ``edited`` (at ``work_size``, upsampled bicubically to the source size)
     blended over ``source`` by ``matte``: ``rint(s * (255 - a) / 255 + e * a / 255)``. Where the
     alpha is 0 the output is the source bit for bit; where it is 255, the upsampled edit."""
-    src = _to_rgb(source)
+    return render(source, edited, work_size, matte, layer=False)[0]
+
+
+def edit_layer(
+    source_size: tuple[int, int], edited: Image.Image, work_size: tuple[int, int], matte: Matte
+) -> Image.Image:
+    """The edit as an RGBA layer at the input's size: colour = the upsampled edit, alpha = the
+    matte (0 and black wherever the edit does not reach), so ``input`` composited with it
+    ("over", e.g. ``Image.alpha_composite``) gives :func:`compose`'s final image within one
+    grey level per channel."""
+    return _layer(source_size, _upsampled(edited, work_size, source_size), matte)
+
+
+def _blend(src: Image.Image, up: np.ndarray, matte: Matte) -> Image.Image:
     out = np.array(src, dtype=np.uint8)  # a copy: everything outside the region stays as is
-    up = _upsampled(edited, work_size, src.size)
     x0, y0, x1, y1 = matte.region
     if x1 <= x0 or y1 <= y0:
         return Image.fromarray(out, "RGB")
@@ -417,18 +441,11 @@ def compose(
     return Image.fromarray(out, "RGB")
 
 
-def edit_layer(
-    source_size: tuple[int, int], edited: Image.Image, work_size: tuple[int, int], matte: Matte
-) -> Image.Image:
-    """The edit as an RGBA layer at the input's size: colour = the upsampled edit, alpha = the
-    matte (0 and black wherever the edit does not reach), so ``input`` composited with it
-    ("over", e.g. ``Image.alpha_composite``) gives :func:`compose`'s final image within one
-    grey level per channel."""
-    width, height = source_size
+def _layer(size: tuple[int, int], up: np.ndarray, matte: Matte) -> Image.Image:
+    width, height = size
     layer = np.zeros((height, width, 4), np.uint8)
     x0, y0, x1, y1 = matte.region
     if x1 > x0 and y1 > y0:
-        up = _upsampled(edited, work_size, source_size)
         alpha = matte.alpha
         layer[y0:y1, x0:x1, :3] = np.where(alpha[..., None] > 0, up[y0:y1, x0:x1], 0)
         layer[y0:y1, x0:x1, 3] = alpha
@@ -455,7 +472,5 @@ def paste_back(
     """Blend the edited box back into the full-size ``source`` (:func:`compose` with the box's
     :func:`box_matte`): weight 1 on the box, a ramp over ``feather`` pixels outside it, the
     source bit for bit beyond (:func:`paste_region`), the upsampled edit exactly on the box."""
-    size = _to_rgb(source).size
-    if tuple(edited.size) != tuple(work_size):
-        raise ValueError(f"edited image is {edited.size}, expected the working size {work_size}")
-    return compose(source, edited, work_size, box_matte(size, box_work, work_size, feather))
+    matte = box_matte(source.size, box_work, work_size, feather)
+    return compose(source, edited, work_size, matte)  # compose checks the edit's size

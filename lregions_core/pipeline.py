@@ -26,11 +26,10 @@ from lregions_core.images import (
     Matte,
     box_matte,
     changed_region,
-    compose,
-    edit_layer,
     input_box,
     mask_matte,
     pixel_box,
+    render,
     to_working,
 )
 from lregions_core.interfaces import (
@@ -353,8 +352,7 @@ def edit_image(
     best, selection = select(config, [c.scores for c in candidates])
     chosen = candidates[best]
     matte = candidate_matte(config, source.size, chosen.box, work.size, chosen.mask)
-    final = compose(source, chosen.image, work.size, matte)
-    layer = edit_layer(source.size, chosen.image, work.size, matte)
+    final, layer = render(source, chosen.image, work.size, matte)
     lap("compose")
     to_input = np.array(
         [source.width / work.width, source.height / work.height] * 2, dtype=np.float64

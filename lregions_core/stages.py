@@ -30,11 +30,10 @@ from lregions_core.config import Config
 from lregions_core.images import (
     ImageLoadError,
     changed_region,
-    compose,
-    edit_layer,
     input_box,
     load_image,
     read_source,
+    render,
     to_working,
 )
 from lregions_core.interfaces import CandidateScores, Features
@@ -355,13 +354,13 @@ def outputs(
     edited = store.read_png(best["path"])
     mask = store.read_png(best["mask_path"], mode="L") if best["mask_path"] else None
     matte = pipeline.candidate_matte(config, source.size, best["box"], work_size, mask)
-    final = compose(source, edited, work_size, matte)
+    final, layer = render(source, edited, work_size, matte, layer=config.keep_layers)
     to_input = [source.width / work_size[0], source.height / work_size[1]] * 2
     boxes_in = [[v * s for v, s in zip(c["box"], to_input)] for c in cands]
     anchors_in = np.asarray(found["anchors"]) * np.asarray(to_input[:2])
     store.write_png(f"{item}/overlay.png", overlay(source, anchors_in, boxes_in, chosen))
     if config.keep_layers:
-        store.write_png(f"{item}/layer.png", edit_layer(source.size, edited, work_size, matte))
+        store.write_png(f"{item}/layer.png", layer)
     elif store.exists(f"{item}/layer.png"):  # an earlier run's layer would not match this edit
         store.remove([f"{item}/layer.png"])
     store.write_png(f"{item}/final.png", final)
