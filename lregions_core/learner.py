@@ -221,34 +221,43 @@ def choose_regions(
     return RegionOutcome(chosen=np.asarray(chosen), candidates=candidates)
 
 
+def _per_anchor_mean(values: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """(N, 1) mean of each anchor's ``values`` over its known (tried) boxes; 0 where none."""
+    count = known.sum(dim=1, keepdim=True).clamp_min(1)
+    return torch.where(known, values, 0.0).sum(dim=1, keepdim=True) / count
+
+
+def _spread(losses: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Standard deviation of all known losses (the scale advantages are divided by)."""
+    return losses[known].std(unbiased=False) if known.sum() > 1 else torch.tensor(0.0)
+
+
 def _surrogate(
     estimator: str, logits: torch.Tensor, tau: float, losses: torch.Tensor, sampled: torch.Tensor
 ) -> torch.Tensor:
     """A scalar to minimise (see the module docstring): for the score-function estimators its
     gradient estimates ``grad sum_a E_p[L_a]``; for ``regression`` it is the squared error of
     the logits against the standardised negative losses of the boxes tried so far."""
-    probs = torch.softmax(logits / tau, dim=1)
     known = ~torch.isnan(losses)
     filled = torch.where(known, losses, torch.zeros_like(losses))
-    spread = losses[known].std(unbiased=False) if known.sum() > 1 else torch.tensor(0.0)
-    count = known.sum(dim=1, keepdim=True).clamp_min(1)
-    baseline = filled.sum(dim=1, keepdim=True) / count
+    spread = _spread(losses, known).clamp_min(1e-8)
+    baseline = _per_anchor_mean(losses, known)
     if estimator == "regression":
-        target = -(filled - losses[known].mean()) / spread.clamp_min(1e-8)
+        target = -(filled - losses[known].mean()) / spread
         return torch.where(known, (logits - target) ** 2, 0.0).sum() / known.sum().clamp_min(1)
     if estimator == "regression-anchor":
-        target = -(filled - baseline) / spread.clamp_min(1e-8)
-        centred = logits - (torch.where(known, logits, 0.0).sum(1, keepdim=True) / count)
+        target = -(filled - baseline) / spread
+        centred = logits - _per_anchor_mean(logits, known)
         return torch.where(known, (centred - target) ** 2, 0.0).sum() / known.sum().clamp_min(1)
     if estimator == "listwise":
-        scaled = torch.where(known, -filled / (spread.clamp_min(1e-8) * tau), -torch.inf)
+        scaled = torch.where(known, -filled / (spread * tau), -torch.inf)
         target = torch.softmax(scaled, dim=1)
         model = torch.log_softmax(torch.where(known, logits / tau, -torch.inf), dim=1)
         rows = known.sum(1) > 1
         per_anchor = -(torch.where(known, target * model, 0.0)).sum(1)
         return per_anchor[rows].sum() / rows.sum().clamp_min(1)
-    advantage = torch.where(known, filled - baseline, torch.zeros_like(filled))
-    advantage = advantage / spread.clamp_min(1e-8)
+    advantage = torch.where(known, filled - baseline, torch.zeros_like(filled)) / spread
+    probs = torch.softmax(logits / tau, dim=1)
     if estimator == "memo-expectation":
         return (probs * advantage).sum(dim=1).mean()
     if estimator == "reinforce":
@@ -277,22 +286,24 @@ def _learn(
     trace: list[dict] = []
 
     def policy() -> torch.Tensor:
-        return torch.softmax(net(pooled, geometry) / config.tau, dim=1)
+        with torch.no_grad():
+            return torch.softmax(net(pooled, geometry) / config.tau, dim=1)
 
-    with torch.no_grad():
-        initial = policy().numpy()
+    def loss_table() -> torch.Tensor:
+        return torch.as_tensor(bank.loss_table(boxes), dtype=torch.float32)
+
+    probs = policy()  # the policy after the latest fit (here: at initialisation)
+    initial = probs.numpy()
+    losses = loss_table()  # the memo's losses, NaN for boxes not edited yet
     active = np.ones(n, dtype=bool)  # anchors still trying new boxes
     best_loss = np.full(n, np.inf)  # each anchor's best loss so far
     stale = np.zeros(n, dtype=int)  # each anchor's tries since its best loss last improved
 
     for step in range(config.iterations):
-        with torch.no_grad():
-            probs = policy()
-        known = ~torch.isnan(torch.as_tensor(bank.loss_table(boxes)))
-        weights = probs.detach()
+        weights = probs
         if config.rgn_sampling == "untried":
             # Only boxes not edited yet: every edit this iteration is new information.
-            weights = torch.where(known, torch.zeros_like(weights), weights)
+            weights = torch.where(~torch.isnan(losses), torch.zeros_like(weights), weights)
             active &= (weights.sum(dim=1) > 0).numpy()
         if not active.any():
             break
@@ -301,7 +312,8 @@ def _learn(
         tried = bank.fetch(
             [(a, int(sampled[a]), boxes[a, sampled[a]]) for a in range(n) if active[a]]
         )
-        losses = torch.as_tensor(bank.loss_table(boxes), dtype=torch.float32)
+        losses = loss_table()
+        known = ~torch.isnan(losses)
         for _ in range(config.rgn_steps):  # refit the memo: costs no edits
             surrogate = _surrogate(
                 config.estimator, net(pooled, geometry), config.tau, losses, sampled
@@ -310,14 +322,11 @@ def _learn(
             surrogate.backward()
             optimiser.step()
         probs = policy()
-        probs = probs.detach()
-        known = ~torch.isnan(losses)
-        now = np.where(known.any(1).numpy(), np.nanmin(np.where(known, losses, np.nan), axis=1)
-                       if known.any() else np.inf, np.inf)
-        stale = np.where(active, np.where(now < best_loss, 0, stale + 1), stale)
-        best_loss = now
+        best = torch.where(known, losses, torch.inf).min(dim=1).values.numpy()  # inf: none
+        stale = np.where(active, np.where(best < best_loss, 0, stale + 1), stale)
+        best_loss = best
         if step + 1 >= config.rgn_warmup:
-            active &= _still_exploring(config, probs, losses)
+            active &= _still_exploring(config, probs, losses, best)
             if config.rgn_patience > 0:
                 active &= stale < config.rgn_patience
         trace.append(
@@ -338,26 +347,22 @@ def _learn(
         if not active.any():
             break
 
-    with torch.no_grad():
-        final = policy()
+    final = probs
     choice = final
-    table = torch.as_tensor(bank.loss_table(boxes), dtype=torch.float32)
-    known = ~torch.isnan(table)
+    known = ~torch.isnan(losses)
     if config.rgn_final == "tried":
         # Each anchor's most probable box among those edited: no edit after learning.
         choice = torch.where(known, final, torch.full_like(final, -1.0))
-    elif config.rgn_final == "blend":
-        with torch.no_grad():
-            logits = net(pooled, geometry)
-        spread = table[known].std(unbiased=False).clamp_min(1e-8)
-        count = known.sum(1, keepdim=True).clamp_min(1)
-        base = torch.where(known, table, 0.0).sum(1, keepdim=True) / count
-        centred = logits - torch.where(known, logits, 0.0).sum(1, keepdim=True) / count
-        predicted = base - spread * centred
-        choice = torch.where(known, -(table + predicted) / 2, torch.full_like(final, -torch.inf))
-        choice = torch.where(known.any(dim=1, keepdim=True), choice, final)
-    elif config.rgn_final == "best":
-        choice = torch.where(known, -table, torch.full_like(final, -torch.inf))
+    elif config.rgn_final in ("blend", "best"):
+        observed = losses
+        if config.rgn_final == "blend":  # average with the network's prediction of the loss
+            with torch.no_grad():
+                logits = net(pooled, geometry)
+            spread = _spread(losses, known).clamp_min(1e-8)
+            predicted = _per_anchor_mean(losses, known) - spread * (
+                logits - _per_anchor_mean(logits, known))
+            observed = (losses + predicted) / 2
+        choice = torch.where(known, -observed, torch.full_like(final, -torch.inf))
         choice = torch.where(known.any(dim=1, keepdim=True), choice, final)
     chosen = choice.argmax(dim=1).numpy()
     change = float(
@@ -374,20 +379,22 @@ def _learn(
     )
 
 
-def _still_exploring(config: Config, probs: torch.Tensor, losses: torch.Tensor) -> np.ndarray:
+def _still_exploring(
+    config: Config, probs: torch.Tensor, losses: torch.Tensor, best: np.ndarray
+) -> np.ndarray:
     """(N,) which anchors keep trying boxes after this iteration.
 
     ``rgn_settle``: an anchor has settled once its policy puts at least this probability on
     boxes already edited (more samples would mostly re-pick them). ``rgn_focus``: only one
     anchor's edit is kept in the end, so an anchor whose best loss so far is worse than the best
-    anchor's by more than ``rgn_focus`` standard deviations of all known losses stops early.
+    anchor's by more than ``rgn_focus`` standard deviations of all known losses stops early
+    (``best``: each anchor's lowest known loss, inf for none).
     """
     known = ~torch.isnan(losses)
     keep = np.ones(losses.shape[0], dtype=bool)
     if config.rgn_settle > 0:
         keep &= ((probs * known).sum(dim=1) < config.rgn_settle).numpy()
     if config.rgn_focus is not None and known.sum() > 1:
-        best = torch.where(known, losses, torch.full_like(losses, float("inf"))).min(dim=1).values
-        spread = float(losses[known].std(unbiased=False))
-        keep &= (best <= best.min() + config.rgn_focus * spread).numpy()
+        spread = float(_spread(losses, known))
+        keep &= best <= best.min() + config.rgn_focus * spread
     return keep
