@@ -20,7 +20,7 @@ import numpy as np
 
 from lregions_core import oracle
 from lregions_core.anchors import box_iou
-from lregions_core.config import load_preset, make_config
+from lregions_core.config import make_config, preset_settings
 from lregions_core.pipeline import Models, edit_image
 
 MODES = ("rgn", "exhaustive", "dino-random", "random")
@@ -42,13 +42,13 @@ def editor_cost(preset: str, items: int, fitted: bool = False) -> list[str]:
     base = make_config(preset)
     label = preset
     if fitted:
-        oracle_set = load_preset("oracle")["set"]
+        oracle_set = preset_settings("oracle")
         base = base.replace(**{k: oracle_set[k] for k in FITTED_KEYS})
         label = f"{preset} + fitted"
     reference_calls = (base.iterations + 1) * base.num_anchors
     lines = []
     for mode in MODES:
-        world = {k: v for k, v in load_preset("oracle")["set"].items() if k not in METHOD_KEYS}
+        world = {k: v for k, v in preset_settings("oracle").items() if k not in METHOD_KEYS}
         method = {k: getattr(base, k) for k in METHOD_KEYS}
         config = make_config("default", {**world, **method, "mode": mode})
         models = Models.load(config)

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from lregions_core import profiling
-from lregions_core.config import Config, load_preset, make_config
+from lregions_core.config import Config, make_config, preset_settings
 from lregions_core.images import box_mask, load_image, paste_back, to_working
 from lregions_core.interfaces import EditRequest
 from lregions_core.pipeline import Models, edit_image, propose, select
@@ -48,7 +48,7 @@ def bench_config(options: Any, preset: str, **changes: Any) -> Config:
     preset's models; ``options`` also carries ``device`` and ``dtype``."""
     config = make_config(preset, {"random_weights": True, **changes})
     if options.small:
-        tiny = load_preset("tiny")["set"]
+        tiny = preset_settings("tiny")
         steps = max(1, round(config.editor_steps * SMALL_STEP_SCALE))
         config = config.replace(**{k: tiny[k] for k in TINY_MODEL_KEYS}, editor_steps=steps)
     return config.replace(device=options.device, dtype=options.dtype)

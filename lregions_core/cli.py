@@ -69,6 +69,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     for name in preset_names():
         doc = load_preset(name)
         print(f"{name}: {doc.get('description', '')}")
+        if doc.get("base"):
+            print(f"    (the {doc['base']} preset's settings, then these)")
         for key, value in doc.get("set", {}).items():
             print(f"    {key} = {json.dumps(value)}")
     return 0

@@ -5,8 +5,11 @@ The defaults *are* the reference setup of the paper's public implementation (DIN
 50 steps, 10 learning iterations), except where that implementation is wrong: anchors are spread
 apart by default, and the working image keeps the input's aspect ratio.
 
-Presets live in ``lregions_core/presets/<name>.json`` as ``{"description": ..., "set": {...}}``:
-data, defined once, read by the library, the command line and the pipeline alike.
+Presets live in ``lregions_core/presets/<name>.json`` as ``{"description": ..., "base": ...,
+"set": {...}}``: data, defined once, read by the library, the command line and the pipeline alike.
+A preset with a ``base`` starts from that preset's settings (``fast`` is ``default`` with cheaper
+models), so each choice is written once. The ``reference`` preset is these defaults unchanged;
+``default`` adds the region choices measured better in the oracle world (README, issue 9).
 """
 
 from __future__ import annotations
@@ -281,11 +284,29 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """The raw preset document: ``{"description": str, "set": {setting: value}}``."""
+    """The raw preset document: ``{"description": str, "base": str (optional), "set": {setting:
+    value}}``."""
     path = resources.files("lregions_core") / "presets" / f"{name}.json"
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
     return json.loads(path.read_text())
+
+
+def preset_settings(name: str) -> dict[str, Any]:
+    """Every setting a preset makes: its ``base`` preset's (recursively), then its own."""
+    chain: list[str] = []
+    docs = []
+    while name is not None:
+        if name in chain:
+            raise ConfigError(f"preset {chain[0]!r}: its bases form a loop: "
+                              f"{' -> '.join([*chain, name])}")
+        chain.append(name)
+        docs.append(load_preset(name))
+        name = docs[-1].get("base")
+    settings: dict[str, Any] = {}
+    for doc in reversed(docs):
+        settings.update(doc.get("set", {}))
+    return settings
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -321,7 +342,7 @@ def make_config(
     sets: list[str] | tuple[str, ...] = (),
 ) -> Config:
     """The preset's settings, then ``overrides``, then ``key=value`` strings, validated."""
-    changes = dict(load_preset(preset).get("set", {}))
+    changes = preset_settings(preset)
     changes.update(overrides or {})
     text_fields = {f.name for f in dataclasses.fields(Config) if str(f.type).startswith("str")}
     for key, value in (parse_override(s) for s in sets):

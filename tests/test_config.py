@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from lregions_core import config as config_module
 from lregions_core.config import (
     ANCHOR_RULES,
     ESTIMATORS,
@@ -17,6 +18,7 @@ from lregions_core.config import (
     make_config,
     parse_override,
     preset_names,
+    preset_settings,
 )
 
 
@@ -34,8 +36,8 @@ def test_known_presets_exist():
 def test_every_preset_loads_and_validates(name):
     doc = load_preset(name)
     assert isinstance(doc.get("description"), str) and doc["description"].strip()
-    settings = doc.get("set", {})
-    assert isinstance(settings, dict)
+    assert isinstance(doc.get("set", {}), dict)
+    settings = preset_settings(name)
     fields = {f.name for f in dataclasses.fields(Config)}
     assert set(settings) <= fields, f"preset {name} sets unknown keys {set(settings) - fields}"
     cfg = make_config(name)
@@ -50,9 +52,37 @@ def test_every_preset_loads_and_validates(name):
             assert isinstance(getattr(cfg, f.name), float), f.name
 
 
-def test_default_preset_is_the_dataclass_defaults():
-    assert make_config() == Config()
-    assert make_config("default").digest() == Config().digest()
+def test_reference_preset_is_the_dataclass_defaults():
+    assert make_config("reference") == Config()
+    assert make_config("reference").digest() == Config().digest()
+
+
+def test_default_preset_changes_only_the_region_choice():
+    # The models, steps and budgets stay the reference's; what differs is how boxes are proposed
+    # and learned (issue 9's ablation).
+    default, reference = make_config().to_dict(), Config().to_dict()
+    changed = {k for k in default if default[k] != reference[k]}
+    region_choice = {k for k in reference if k.startswith(("anchor_", "proposal_", "rgn_"))}
+    assert changed and changed <= region_choice | {"estimator", "tau"}
+    assert make_config().proposals_per_anchor > Config().proposals_per_anchor
+
+
+def test_presets_start_from_their_base():
+    default, fast, oracle_cfg = make_config("default"), make_config("fast"), make_config("oracle")
+    assert load_preset("fast")["base"] == "default"
+    assert fast.proposal_aspects == default.proposal_aspects  # from the base
+    assert fast.iterations < default.iterations  # its own
+    assert default.rgn_focus is not None and oracle_cfg.rgn_focus is None  # a base value undone
+    for name in preset_names():
+        settings = preset_settings(name)
+        assert load_preset(name).get("set", {}).items() <= settings.items()
+
+
+def test_preset_bases_that_loop_are_refused(monkeypatch):
+    docs = {"a": {"base": "b", "set": {"lr": 0.1}}, "b": {"base": "a", "set": {}}}
+    monkeypatch.setattr(config_module, "load_preset", docs.__getitem__)
+    with pytest.raises(ConfigError, match="loop: a -> b -> a"):
+        config_module.preset_settings("a")
 
 
 def test_oracle_preset_values():
