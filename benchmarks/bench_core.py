@@ -3,8 +3,8 @@ implementation's (iterations + 1) x anchors inpaintings of 50 steps; and CPU tim
 preset per image.
 
 Editor-call counts of ``rgn`` depend on how fast the box policy settles, which depends on the
-losses, and no real weights are available here. So the counts for the ``default`` and ``fast``
-presets are measured with *their method settings* (anchors, proposals, iterations, steps) on
+losses, and no real weights are available here. So the counts for the ``reference``, ``default``
+and ``fast`` presets are measured with *their method settings* (anchors, proposals, iterations, steps) on
 oracle world v2 items, where losses are meaningful; ``exhaustive``/``random`` counts do not depend
 on losses at all. The oracle IoU column is the oracle world's box quality, not a photo metric.
 
@@ -20,48 +20,34 @@ import numpy as np
 
 from lregions_core import oracle
 from lregions_core.anchors import box_iou
-from lregions_core.config import make_config, preset_settings
+from lregions_core.config import REGION_CHOICE_KEYS, make_config, preset_settings
 from lregions_core.pipeline import Models, edit_image
 
 MODES = ("rgn", "exhaustive", "dino-random", "random")
-# The method's settings (anchors, proposals, learner, steps), taken from the preset measured; the
-# oracle preset supplies only the world (saliency, painter, exact judge, working size).
-METHOD_KEYS = ("num_anchors", "anchor_rule", "anchor_spread", "anchor_refine", "num_proposals",
-               "proposal_min", "proposal_max", "proposal_aspects", "proposal_spacing",
-               "iterations", "lr", "tau", "estimator", "rgn_context", "rgn_steps",
-               "rgn_sampling", "rgn_settle", "rgn_focus", "rgn_warmup", "rgn_patience",
-               "rgn_final", "editor_steps")
+# The method's settings (anchors, proposals, learner) and its steps, taken from the preset
+# measured; the oracle preset supplies only the world (saliency, painter, exact judge, work size).
+METHOD_KEYS = (*REGION_CHOICE_KEYS, "editor_steps")
 
 
-# The oracle preset's proposal family and learner levers (issue 9), to try on other presets.
-FITTED_KEYS = ("proposal_aspects", "proposal_spacing", "proposal_min", "estimator", "rgn_context",
-               "rgn_steps", "tau", "rgn_sampling", "rgn_final")
-
-
-def editor_cost(preset: str, items: int, fitted: bool = False) -> list[str]:
+def editor_cost(preset: str, items: int) -> list[str]:
     base = make_config(preset)
-    label = preset
-    if fitted:
-        oracle_set = preset_settings("oracle")
-        base = base.replace(**{k: oracle_set[k] for k in FITTED_KEYS})
-        label = f"{preset} + fitted"
     reference_calls = (base.iterations + 1) * base.num_anchors
+    world = {k: v for k, v in preset_settings("oracle").items() if k not in METHOD_KEYS}
+    method = {k: getattr(base, k) for k in METHOD_KEYS}
+    items_v2 = [oracle.make_item_v2(3000 + i) for i in range(items)]  # seeds no test uses
     lines = []
     for mode in MODES:
-        world = {k: v for k, v in preset_settings("oracle").items() if k not in METHOD_KEYS}
-        method = {k: getattr(base, k) for k in METHOD_KEYS}
         config = make_config("default", {**world, **method, "mode": mode})
         models = Models.load(config)
         calls, ious = [], []
-        for i in range(items):
-            item = oracle.make_item_v2(3000 + i)  # oracle world v2, seeds no test uses
+        for i, item in enumerate(items_v2):
             result = edit_image(item.image, item.prompt, source_prompt=item.source_prompt,
                                 config=config, models=models, seed=i)
             calls.append(result.editor_requests)
             ious.append(float(box_iou(np.array(result.box), np.array(item.target_box))))
         steps = float(np.mean(calls)) * base.editor_steps
         lines.append(
-            f"| {label} | {mode} | {np.mean(calls):.1f} | {steps:.0f} | "
+            f"| {preset} | {mode} | {np.mean(calls):.1f} | {steps:.0f} | "
             f"{reference_calls} x 50 = {reference_calls * 50} | "
             f"{steps / (reference_calls * 50):.2f} | {np.mean(ious):.3f} |"
         )
@@ -101,9 +87,8 @@ def main() -> None:
     print("| preset | mode | editor calls | denoising steps | reference (calls x steps) "
           "| steps vs reference | oracle IoU |")
     print("|---|---|---|---|---|---|---|")
-    for preset, fitted in (("default", False), ("fast", False), ("default", True),
-                           ("fast", True)):
-        for line in editor_cost(preset, args.items, fitted):
+    for preset in ("reference", "default", "fast"):
+        for line in editor_cost(preset, args.items):
             print(line, flush=True)
     print(f"\nTiny preset on CPU ({args.tiny_images} scikit-image photos, models loaded once)\n")
     print("| preset | mode | seconds per image | editor calls per image |")

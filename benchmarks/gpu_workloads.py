@@ -55,9 +55,10 @@ def bench_config(options: Any, preset: str, **changes: Any) -> Config:
 
 
 def reference_config(options: Any) -> Config:
-    """One editor call per iteration holds every anchor's box: edit_batch = anchors."""
-    anchors = make_config("default").num_anchors
-    return bench_config(options, "default", edit_batch=anchors, editor_scheduler="default",
+    """The paper's method (the ``reference`` preset), one editor call per iteration holding every
+    anchor's box: edit_batch = anchors."""
+    anchors = make_config("reference").num_anchors
+    return bench_config(options, "reference", edit_batch=anchors, editor_scheduler="default",
                         editor_steps=REFERENCE_STEPS)
 
 

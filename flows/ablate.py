@@ -37,13 +37,12 @@ from lregions_core import index
 from lregions_core.config import ConfigError, make_config
 from lregions_core.manifest import read_manifest
 from lregions_core.metrics import METRICS
-from lregions_core.report import AXES
+from lregions_core.report import AXES, BUNDLE_AXES
 from lregions_core.store import Store
 
 LOSS_TERMS = ("clip", "dir", "str")
-BUNDLE_AXES = ("proposals", "anchors")  # axes whose values are named bundles of settings
 SHORT = {"num_anchors": "a", "num_proposals": "p", "mode": "", "losses": "L-", "proposals": "P-",
-         "anchors": "A-", "oracle_noise": "n"}
+         "anchors": "A-", "budget": "B-", "method": "M-", "oracle_noise": "n"}
 
 
 def load_grid(path: str) -> dict:
@@ -93,7 +92,7 @@ def cells(grid: dict) -> list[dict[str, Any]]:
 
 def cell_overrides(cell: dict[str, Any]) -> dict[str, Any]:
     """The settings one cell changes: plain axes as they are, loss terms as weights, bundles
-    (a proposal family, an anchor method) as their settings."""
+    (a proposal family, an anchor method, a budget, a method) as their settings."""
     changes = {k: v for k, v in cell.items() if k != "losses" and k not in BUNDLE_AXES}
     for axis in BUNDLE_AXES:
         if axis in cell:

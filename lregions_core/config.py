@@ -36,6 +36,17 @@ RGN_FINALS = ("policy", "tried", "best", "blend")
 REGION_SHAPES = ("box", "mask", "auto")
 
 
+# The settings that make up the region-choice method (anchors, proposals and the learner): what
+# the issue-9 ablation chose for the presets, and what carries over between the oracle world and
+# real models (benchmarks measure a preset's method in the oracle world with these).
+REGION_CHOICE_KEYS = (
+    "num_anchors", "anchor_rule", "anchor_spread", "anchor_refine", "num_proposals",
+    "proposal_min", "proposal_max", "proposal_aspects", "proposal_spacing", "iterations", "lr",
+    "tau", "estimator", "rgn_context", "rgn_steps", "rgn_sampling", "rgn_settle", "rgn_focus",
+    "rgn_warmup", "rgn_patience", "rgn_final",
+)
+
+
 class ConfigError(ValueError):
     """A setting or preset that does not exist or has an invalid value."""
 

@@ -6,7 +6,7 @@ The reference implementation calls ``loss.requires_grad_(True)`` and its network
 Here the network defines a policy ``p(k | anchor) = softmax(logits / tau)`` over each anchor's K
 proposals and is trained on the expected loss ``E_p[L]``, whose gradient needs only loss *values*:
 
-``estimator="memo-expectation"`` (default): every edit is memoised (a box is never edited twice
+``estimator="memo-expectation"`` (the ``reference`` preset's): every edit is memoised (a box is never edited twice
 per image), so the losses of all boxes tried so far are known exactly. The surrogate
 ``sum_a sum_{k tried} p(k|a) * (L_ak - b_a)``, with ``b_a`` the mean loss of anchor ``a``'s tried
 boxes, is differentiated exactly. Once all K boxes of an anchor are tried its gradient *is*

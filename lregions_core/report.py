@@ -31,7 +31,10 @@ from lregions_core.store import Store
 SCORES = ("text_sim", "image_sim", "loss", "selection_score")
 REGION_METHODS = "Proposal family x anchors x mode"
 # An ablation grid's axes ("proposals" and "anchors" are named bundles of settings).
-AXES = ("num_anchors", "num_proposals", "mode", "losses", "proposals", "anchors", "oracle_noise")
+# Axes an ablation grid may vary. A bundle axis's values are named groups of settings (a proposal
+# family, an anchor method, a preset's budget, a region-choice method); the report shows the name.
+BUNDLE_AXES = ("proposals", "anchors", "budget", "method")
+AXES = ("num_anchors", "num_proposals", "mode", "losses", *BUNDLE_AXES, "oracle_noise")
 MODE_ORDER = ("rgn", "exhaustive", "dino-random", "random")
 RANDOM_BANNER = "metrics computed with RANDOM weights (tiny preset): numbers are meaningless"
 MAX_STRIPS = 500  # items drawn with their images; the per-item table always lists every row
