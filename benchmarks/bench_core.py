@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
+from oracle_runs import Item, box_quality
 
 from lregions_core import oracle
-from lregions_core.anchors import box_iou
 from lregions_core.config import REGION_CHOICE_KEYS, make_config, preset_settings
 from lregions_core.pipeline import Models, edit_image
 
@@ -34,22 +33,17 @@ def editor_cost(preset: str, items: int) -> list[str]:
     reference_calls = (base.iterations + 1) * base.num_anchors
     world = {k: v for k, v in preset_settings("oracle").items() if k not in METHOD_KEYS}
     method = {k: getattr(base, k) for k in METHOD_KEYS}
-    items_v2 = [oracle.make_item_v2(3000 + i) for i in range(items)]  # seeds no test uses
+    v2 = [oracle.make_item_v2(3000 + i) for i in range(items)]  # seeds no test uses
+    runs = [Item(v.image, v.prompt, v.source_prompt, i, v.target_box) for i, v in enumerate(v2)]
     lines = []
     for mode in MODES:
         config = make_config("default", {**world, **method, "mode": mode})
-        models = Models.load(config)
-        calls, ious = [], []
-        for i, item in enumerate(items_v2):
-            result = edit_image(item.image, item.prompt, source_prompt=item.source_prompt,
-                                config=config, models=models, seed=i)
-            calls.append(result.editor_requests)
-            ious.append(float(box_iou(np.array(result.box), np.array(item.target_box))))
-        steps = float(np.mean(calls)) * base.editor_steps
+        iou, calls, _ = box_quality(config, runs)
+        steps = calls * base.editor_steps
         lines.append(
-            f"| {preset} | {mode} | {np.mean(calls):.1f} | {steps:.0f} | "
+            f"| {preset} | {mode} | {calls:.1f} | {steps:.0f} | "
             f"{reference_calls} x 50 = {reference_calls * 50} | "
-            f"{steps / (reference_calls * 50):.2f} | {np.mean(ious):.3f} |"
+            f"{steps / (reference_calls * 50):.2f} | {iou:.3f} |"
         )
     return lines
 

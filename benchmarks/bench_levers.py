@@ -8,17 +8,14 @@ as mean box IoU with the target and editor calls per item, next to ``exhaustive`
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-import numpy as np
+from oracle_runs import Item, box_quality
 
-from lregions_core.anchors import box_iou
 from lregions_core.config import Config, make_config
 from lregions_core.images import load_image
 from lregions_core.manifest import read_manifest
 from lregions_core.oracle import CLIP_LIKE_NOISE
-from lregions_core.pipeline import Models, edit_image
 
 LEARNER = ("estimator", "rgn_steps", "tau", "rgn_sampling", "rgn_final", "rgn_context")
 REFERENCE = {key: getattr(Config(), key) for key in LEARNER}  # the pre-issue-9 learner
@@ -40,19 +37,6 @@ ROWS = [  # (lever, settings changed from the oracle preset)
 ]
 
 
-def measure(rows: list, settings: dict) -> tuple[float, float, float]:
-    config = make_config("oracle", {"mode": "rgn", **settings})
-    models = Models.load(config)
-    ious, calls = [], []
-    start = time.perf_counter()
-    for row in rows:
-        result = edit_image(row["image"], row["prompt"], source_prompt=row["source"],
-                            config=config, models=models, seed=row["seed"])
-        ious.append(float(box_iou(np.array(result.box), np.array(row["target_box"]))))
-        calls.append(result.editor_requests)
-    return float(np.mean(ious)), float(np.mean(calls)), time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", default=str(Path(__file__).parents[1] / "manifests"
@@ -60,15 +44,14 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=36)
     args = parser.parse_args()
     manifest = read_manifest(args.manifest)
-    rows = []
-    for row in manifest[: args.items]:
-        rows.append({"image": load_image(row.image), "prompt": row.prompt,
-                     "source": row.source, "seed": row.seed, "target_box": row.target_box})
+    rows = [Item(load_image(row.image), row.prompt, row.source, row.seed, row.target_box)
+            for row in manifest[: args.items]]
     print(f"{len(rows)} items of {args.manifest}\n")
     print("| lever | box IoU | editor calls | seconds |")
     print("|---|---|---|---|")
     for name, settings in ROWS:
-        iou, calls, seconds = measure(rows, settings)
+        config = make_config("oracle", {"mode": "rgn", **settings})
+        iou, calls, seconds = box_quality(config, rows)
         print(f"| {name} | {iou:.3f} | {calls:.1f} | {seconds:.0f} |", flush=True)
 
 
