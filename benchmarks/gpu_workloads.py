@@ -57,9 +57,9 @@ def bench_config(options: Any, preset: str, **changes: Any) -> Config:
 def reference_config(options: Any) -> Config:
     """The paper's method (the ``reference`` preset), one editor call per iteration holding every
     anchor's box: edit_batch = anchors."""
-    anchors = make_config("reference").num_anchors
-    return bench_config(options, "reference", edit_batch=anchors, editor_scheduler="default",
-                        editor_steps=REFERENCE_STEPS)
+    config = bench_config(options, "reference", editor_scheduler="default",
+                          editor_steps=REFERENCE_STEPS)
+    return config.replace(edit_batch=config.num_anchors)
 
 
 def reference_models(config: Config) -> Models:

@@ -30,7 +30,6 @@ from lregions_core.store import Store
 
 SCORES = ("text_sim", "image_sim", "loss", "selection_score")
 REGION_METHODS = "Proposal family x anchors x mode"
-# An ablation grid's axes ("proposals" and "anchors" are named bundles of settings).
 # Axes an ablation grid may vary. A bundle axis's values are named groups of settings (a proposal
 # family, an anchor method, a preset's budget, a region-choice method); the report shows the name.
 BUNDLE_AXES = ("proposals", "anchors", "budget", "method")
