@@ -33,8 +33,9 @@ class CacheInfo(NamedTuple):
     maxsize: int
     currsize: int
 
-# Re-entrant: a model build imports heavy libraries, and may build other models.
-_LOCK = threading.RLock()
+# Re-entrant: a model build imports heavy libraries, and may build other models. Also held by
+# lregions_core.models.runtime.seeded while torch's global generator is seeded.
+PROCESS_LOCK = _LOCK = threading.RLock()
 
 
 def _ready(module: ModuleType | None) -> bool:

@@ -3,6 +3,11 @@
 Registered as ``"dino"`` in :data:`~lregions_core.registry.FEATURE_EXTRACTORS`. The model is
 built once per process for a given set of settings (see :func:`load_dino`), so every extractor
 built from equal settings shares it.
+
+Thread safety: safe to call concurrently (the batch's task threads and the evaluator share one
+model). A call keeps everything it computes in its own tensors: the last block's input comes
+from timm's ``forward_intermediates`` (the output of the block before it), never from a hook or
+any other state on the shared module, so one photo's call can never see another's tokens.
 """
 
 from __future__ import annotations
@@ -140,21 +145,26 @@ class DinoFeatures:
         x = self.preprocess(image)
         gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
         prefix = int(self.model.num_prefix_tokens)  # CLS + register tokens
-        captured: dict[str, torch.Tensor] = {}
-
-        # A pre-hook on the last block sees exactly its input, whatever forward_features does
-        # before it (position embedding interpolation, register tokens, norm_pre).
-        def grab(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            captured["x"] = args[0]
-
-        handle = self.model.blocks[-1].register_forward_pre_hook(grab)
-        try:
-            tokens = self.model.forward_features(x)  # (1, prefix + gh*gw, C), final norm applied
-        finally:
-            handle.remove()
-        attention = _last_block_cls_attention(self.model.blocks[-1], captured["x"], prefix)
+        blocks = len(self.model.blocks)
+        if blocks < 2:
+            raise ValueError(f"{self.config.feature_model} has {blocks} block: the attention is "
+                             "taken from the last block's input, so at least 2 are needed")
+        # The output of the second-to-last block is the last block's input, whatever the model
+        # does before its blocks (position embedding interpolation, register tokens, norm_pre);
+        # the final output is forward_features' (final norm applied).
+        out = self.model.forward_intermediates(
+            x, indices=[blocks - 2], return_prefix_tokens=True, output_fmt="NLC",
+            output_dict=True)
+        tokens = out["image_features"]  # (1, prefix + gh*gw, C)
+        last_input = torch.cat([out["image_intermediates_prefix"][0],
+                                out["image_intermediates"][0]], dim=1)
+        attention = _last_block_cls_attention(self.model.blocks[-1], last_input, prefix)
         if attention.shape[-1] != gh * gw or tokens.shape[1] != prefix + gh * gw:
-            raise RuntimeError(f"token count {tokens.shape[1]} does not match grid {gh}x{gw}")
+            raise RuntimeError(
+                f"DINO features of a {image.width}x{image.height} image (model input "
+                f"{x.shape[-1]}x{x.shape[-2]}, a {gw}x{gh} grid of {self.patch_size} px "
+                f"patches + {prefix} prefix tokens): the model returned {tokens.shape[1]} "
+                f"tokens and {attention.shape[-1]} attention weights")
         # Tokens are in row-major patch order, so (gh*gw, C) -> (gh, gw, C) -> (C, gh, gw).
         patches = tokens[0, prefix:].float().reshape(gh, gw, -1).permute(2, 0, 1)
         return Features(
