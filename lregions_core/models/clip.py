@@ -14,6 +14,14 @@ Architectures: ``clip_model`` names an open_clip config (e.g. ``ViT-B-16``, whic
 tokenizer); ``clip_kwargs`` are open_clip's top-level model-config overrides (``embed_dim``,
 ``vision_cfg``, ``text_cfg`` replace the named config's entries). The tiny preset uses this to
 build a small random ViT with the real CLIP tokenizer, without registering a new config.
+
+Thread safety: safe to call concurrently (the batch's task threads and the evaluator share one
+loaded model). Forward passes keep no state on the model (the structure tokens come from
+open_clip's ``forward_intermediates``, not from hooks); the text-embedding cache is a bounded
+LRU guarded by its own lock (a text two threads miss at once is encoded twice, with the same
+result); the augmented views seed torch's global generator inside
+:func:`~lregions_core.models.runtime.seeded`, which serialises them, so each candidate's views
+depend on its own seed alone.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,11 +50,13 @@ NEUTRAL_SOURCE_PROMPT = "a photo"  # T_src when the user gives no source caption
 ENCODE_BATCH = 64  # images per CLIP forward (bounds memory for many candidates x views)
 WEIGHT_FILES = ("open_clip_pytorch_model.bin", "open_clip_model.safetensors", "model.safetensors")
 PRECISIONS = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+TEXT_CACHE_SIZE = 4096  # text embeddings kept per loaded model (a batch's prompts, bounded)
 
 
 @dataclass
 class ClipBundle:
-    """One loaded CLIP model, its tokenizer and preprocessing, and its text-embedding cache."""
+    """One loaded CLIP model, its tokenizer and preprocessing, and its text-embedding cache
+    (least recently used first; read and written only under ``lock``)."""
 
     model: Any
     tokenizer: Any
@@ -52,7 +64,8 @@ class ClipBundle:
     mean: torch.Tensor  # (3, 1, 1)
     std: torch.Tensor  # (3, 1, 1)
     depth: int  # visual transformer blocks
-    text_cache: dict[str, torch.Tensor] = field(default_factory=dict)
+    text_cache: OrderedDict[str, torch.Tensor] = field(default_factory=OrderedDict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _settings_key(config: Config) -> str:
@@ -239,15 +252,25 @@ class ClipScorer:
     # --- encoders ---------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str]) -> torch.Tensor:
-        """(n, D) L2-normalised float32 text embeddings, each text encoded once per process."""
-        cache = self.bundle.text_cache
-        missing = list(dict.fromkeys(t for t in texts if t not in cache))
+        """(n, D) L2-normalised float32 text embeddings; a text is encoded once (alone) while
+        it stays among the :data:`TEXT_CACHE_SIZE` most recently used."""
+        bundle = self.bundle
+        with bundle.lock:
+            found = {t: bundle.text_cache[t] for t in texts if t in bundle.text_cache}
+            for text in found:
+                bundle.text_cache.move_to_end(text)
+        missing = list(dict.fromkeys(t for t in texts if t not in found))
+        # Each text alone, outside the lock (the model itself is safe to share): an embedding
+        # then never depends on which other texts happened to be missing from the cache.
+        for text in missing:
+            embedding = bundle.model.encode_text(bundle.tokenizer([text]).to(self.device))
+            found[text] = torch.nn.functional.normalize(embedding.float(), dim=-1)[0]
         if missing:
-            tokens = self.bundle.tokenizer(missing).to(self.device)
-            embeddings = self.bundle.model.encode_text(tokens).float()
-            embeddings = torch.nn.functional.normalize(embeddings, dim=-1)
-            cache.update(zip(missing, embeddings, strict=True))
-        return torch.stack([cache[t] for t in texts])
+            with bundle.lock:
+                bundle.text_cache.update((t, found[t]) for t in missing)
+                while len(bundle.text_cache) > TEXT_CACHE_SIZE:
+                    bundle.text_cache.popitem(last=False)
+        return torch.stack([found[t] for t in texts])
 
     @torch.inference_mode()
     def encode_views(self, views: torch.Tensor) -> torch.Tensor:
