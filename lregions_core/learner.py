@@ -41,6 +41,12 @@ decide how many edits learning costs; the README measures each):
   paper's), the most probable tried one (``tried``), the lowest loss tried (``best``: the memo
   is exact, so a learned loss model can only add its errors), or a blend of the observed and the
   predicted loss (``blend``: for noisy judges).
+
+Thread safety: one photo's learning owns its region network, optimiser, sampler and
+:class:`CandidateBank`; several photos may learn at once in different threads. The network's
+initial weights are drawn inside :func:`~lregions_core.models.runtime.seeded` (serialised), the
+sampling from a ``torch.Generator`` of the call's own, and the editor and scorer it calls say
+their own rules.
 """
 
 from __future__ import annotations

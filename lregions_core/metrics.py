@@ -15,6 +15,10 @@ statistic is a true masked mean over the counted pixels, never a statistic of a 
 :class:`Evaluator` builds the models a config names (lazily, once per process) and reports a
 metric as ``None`` with a reason when its model cannot be had, rather than a number from random
 weights (those are used only when ``config.random_weights`` says so, and reported as such).
+
+Thread safety: :meth:`Evaluator.evaluate` is safe to call concurrently. The evaluator keeps no
+state between calls; its models are shared, each safe to call concurrently (the CLIP scorer and
+DINO extractor say why in their modules; LPIPS is a plain forward pass with no hooks).
 """
 
 from __future__ import annotations

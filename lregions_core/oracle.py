@@ -15,6 +15,9 @@ so the method runs through exactly the same code path (registry, modes, selectio
   text names, with a little seeded error along the object's edge, as a real segmenter's would be.
 
 :func:`target_mask` is the ground truth the evaluation measures masked edits against.
+
+Thread safety: every component is safe to call concurrently: none keeps state between calls,
+and every random draw comes from a ``numpy`` generator made for that call from its seed.
 """
 
 from __future__ import annotations

@@ -1,6 +1,13 @@
 """The method end to end for one image: features, anchors, proposals, region choice, object
 masks (``region_shape`` mask/auto), selection, paste-back. Each stage is a public function so a
 batch pipeline can cache stages separately; :func:`edit_image` runs them in order.
+
+Thread safety: the functions here keep no state between calls, so several photos may go
+through them at once in different threads sharing one :class:`Models` (see
+:func:`shared_models`). Each component says in its module whether it is safe to call
+concurrently (feature extractors, scorers, the oracle world's components) or serialises its
+calls (editors, the segmenter); ``tests/test_thread_safety.py`` compares concurrent calls of
+every registered component with the same calls made one at a time.
 """
 
 from __future__ import annotations

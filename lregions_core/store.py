@@ -7,6 +7,12 @@
   is atomic there). Temporary names start with ``.`` so readers of a folder skip them.
 
 Only PNG, JSON and Parquet are written or read: no pickle.
+
+Thread safety: a :class:`Store` keeps no state of its own beyond its root, so task threads may
+share one or make their own. Two threads (or processes) writing the same name each write a
+temporary file of their own and rename it (or PUT it) whole: the last whole file wins, and no
+reader ever sees a mix. Stages only ever write one content under one name (the name is a hash
+of what decides it), so which writer wins does not matter.
 """
 
 from __future__ import annotations

@@ -16,6 +16,13 @@ per batch the error says what to set. ``editor_scheduler`` and ``compile_unet`` 
 object of its own over the same weights (see :func:`editor_pipeline`).
 
 SD's safety checker is not loaded: it is not part of the method, and it would blank images.
+
+Thread safety: serialised. A diffusers pipeline is not safe to call concurrently (``set_timesteps``
+mutates its scheduler; the editors set attention processors and VAE slicing on shared modules,
+and keep a prompt-embedding cache), so every call holds one lock per loaded weights, shared by
+every pipeline view over them (:func:`editor_pipeline`), for its whole run. Each request's
+randomness comes from its own ``torch.Generator``, so a serialised call gives the same edit
+whichever thread makes it.
 """
 
 from __future__ import annotations

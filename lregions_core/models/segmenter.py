@@ -23,6 +23,10 @@ logits, resized bilinearly to the crop's own size.
 Batch independence: every text is encoded alone (and cached), and the model has no randomness at
 inference, so a map depends on its own image and text only; batched and single runs agree up to
 float rounding of batched kernels.
+
+Thread safety: serialised. One call at a time per loaded model (``ClipSegBundle.lock``, held for
+the whole call): the tokenizer (a Rust tokenizer refuses concurrent use) and the text cache are
+shared, and the GPU work is serial anyway.
 """
 
 from __future__ import annotations
