@@ -17,9 +17,9 @@ from PIL import Image
 
 from lregions_core import oracle
 from lregions_core.config import make_config
+from lregions_core.images import to_working
 from lregions_core.interfaces import EditRequest
 from lregions_core.metrics import Evaluator
-from lregions_core.images import to_working
 from lregions_core.pipeline import Models, find_regions, register_components
 from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS, SEGMENTERS
 from lregions_core.threadcheck import concurrent_mismatches, same
