@@ -18,7 +18,7 @@ from lregions_core.manifest import read_manifest
 from lregions_core.oracle import CLIP_LIKE_NOISE
 
 LEARNER = ("estimator", "rgn_steps", "tau", "rgn_sampling", "rgn_final", "rgn_context")
-REFERENCE = {key: getattr(Config(), key) for key in LEARNER}  # the pre-issue-9 learner
+REFERENCE = {key: getattr(Config(), key) for key in LEARNER}  # the reference's learner
 ROWS = [  # (lever, settings changed from the oracle preset)
     ("oracle preset (all levers)", {}),
     ("mode=exhaustive (upper bound)", {"mode": "exhaustive"}),

@@ -9,7 +9,8 @@ Presets live in ``lregions_core/presets/<name>.json`` as ``{"description": ..., 
 "set": {...}}``: data, defined once, read by the library, the command line and the pipeline alike.
 A preset with a ``base`` starts from that preset's settings (``fast`` is ``default`` with cheaper
 models), so each choice is written once. The ``reference`` preset is these defaults unchanged;
-``default`` adds the region choices measured better in the oracle world (README, issue 9).
+``default`` adds the region choices measured better in the oracle world
+(``docs/benchmarks/regions.md``).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ REGION_SHAPES = ("box", "mask", "auto")
 
 
 # The settings that make up the region-choice method (anchors, proposals and the learner): what
-# the issue-9 ablation chose for the presets, and what carries over between the oracle world and
-# real models (benchmarks measure a preset's method in the oracle world with these).
+# the presets set from the oracle-world ablation, and what carries over between the oracle world
+# and real models (benchmarks measure a preset's method in the oracle world with these).
 REGION_CHOICE_KEYS = (
     "num_anchors", "anchor_rule", "anchor_spread", "anchor_refine", "num_proposals",
     "proposal_min", "proposal_max", "proposal_aspects", "proposal_spacing", "iterations", "lr",
@@ -61,7 +62,7 @@ class Config:
 
     # --- scorer (losses and selection similarities) ---------------------------------------------
     scorer: str = "clip"  # registry name: "clip" (open_clip) or "oracle"
-    clip_model: str = "ViT-B-16"
+    clip_model: str = "ViT-B-16"  # open_clip model name ("none": no CLIP, oracle scorer)
     clip_pretrained: str | None = "openai"  # open_clip tag; None = random weights
     clip_kwargs: dict = field(default_factory=dict)  # extra create_model kwargs (tiny)
     clip_views: int = 16  # the full image plus clip_views-1 random augmented crops
@@ -70,9 +71,9 @@ class Config:
     # --- editor ---------------------------------------------------------------------------------
     editor: str = "sd-inpaint"  # registry name: "sd-inpaint", "amused" or "oracle-painter"
     editor_model: str = "stabilityai/stable-diffusion-2-inpainting"  # hub repo or local dir
-    editor_steps: int = 50
-    guidance_scale: float = 7.5
-    prompt_template: str = "a high quality image of {prompt}."
+    editor_steps: int = 50  # denoising (SD) or decoding (aMUSEd) steps per edit
+    guidance_scale: float = 7.5  # classifier-free guidance scale of the editor
+    prompt_template: str = "a high quality image of {prompt}."  # editor text; has {prompt}
     editor_kwargs: dict = field(default_factory=dict)  # tiny: in-code architecture settings
     editor_scheduler: str = "default"  # one of EDITOR_SCHEDULERS
     # Requests per editor forward pass (the UNet sees twice as many with guidance). 9 = every box
@@ -97,7 +98,7 @@ class Config:
     random_weights: bool = False  # build every model with random weights (tiny preset, benchmarks)
 
     # --- anchors and proposals ------------------------------------------------------------------
-    num_anchors: int = 9
+    num_anchors: int = 9  # anchor points per image, each with its own proposals
     # "nms" (spread apart by a fixed radius), "peaks" (one anchor per attention hill first, then
     # nms) or "reference" (fit-inside, may repeat)
     anchor_rule: str = "nms"
@@ -113,10 +114,10 @@ class Config:
 
     # --- region network and its learning ------------------------------------------------------
     mode: str = "rgn"  # one of MODES
-    roi_size: int = 7
-    rgn_hidden: int = 16
-    iterations: int = 10
-    lr: float = 0.05
+    roi_size: int = 7  # RoIAlign output size (cells per side) of each box for the network
+    rgn_hidden: int = 16  # hidden width of the region network
+    iterations: int = 10  # learning iterations of the region network per image
+    lr: float = 0.05  # learning rate of the region network
     tau: float = 1.0  # sampling temperature of the box policy
     estimator: str = "memo-expectation"  # one of ESTIMATORS
     # Pool a second RoI this much larger around each box (1.0 = twice the size), so the network
@@ -137,9 +138,9 @@ class Config:
     # Each anchor's box after learning: "policy" (most probable box, edited if it was never
     # tried) or "tried" (most probable among the edited boxes: no edit after learning).
     rgn_final: str = "policy"
-    w_clip: float = 1.0
-    w_dir: float = 1.0
-    w_str: float = 1.0
+    w_clip: float = 1.0  # weight of L_clip (edit matches the prompt) in the learner's loss
+    w_dir: float = 1.0  # weight of L_dir (change in the prompt's direction from the source)
+    w_str: float = 1.0  # weight of L_str (structure kept: token self-similarity)
 
     # --- object masks inside the box (region_shape "mask" / "auto") ----------------------------
     region_shape: str = "box"  # one of REGION_SHAPES
@@ -158,16 +159,17 @@ class Config:
     oracle_noise: float = 0.0
 
     # --- selection and output -----------------------------------------------------------------
-    select_text_weight: float = 2.0
-    select_image_weight: float = 1.0
-    select_top_k: int = 3
+    select_text_weight: float = 2.0  # weight of the softmax of text_sim in the selection score
+    select_image_weight: float = 1.0  # weight of the softmax of image_sim in the score
+    select_top_k: int = 3  # only the k candidates most similar to the text can be chosen
     feather: int = 8  # px of the input image: soft edge outside the box; beyond it, input pixels
     # Candidate edits kept once an item is done: "all" (the report shows every candidate),
     # "chosen" (only the one the final image came from) or "none" (final image only).
     keep_candidates: str = "all"
-    # Write each item's layer.png (the edit as an RGBA layer over the input; see the README).
+    # Write each item's layer.png (the edit as an RGBA layer over the input; see the docs: Masks
+    # and layers).
     keep_layers: bool = True
-    seed: int = 0
+    seed: int = 0  # random seed of a row that gives none (manifest column seed)
 
     # ------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:

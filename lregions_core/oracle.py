@@ -289,11 +289,11 @@ class _OracleContext:
 
 
 # The noise level the tests use for "a judge as unreliable as CLIP" (``oracle_noise``). CLIP's own
-# unreliability between edits of one photo could not be measured here (no weights), so this is
-# the level issue 9 reported (0.1 per term), characterised instead by what it does to one image's
-# candidates: over the v2 items the total loss's noise (0.1 x sqrt 3 = 0.17) is about half the
-# spread of the exact losses (standard deviation 0.35) and 14% of pairs of candidates swap order
-# (README, "The oracle world"). The setting's own default stays 0: an exact judge.
+# unreliability between edits of one photo has not been measured (no weights), so this level (0.1
+# per term) is characterised instead by what it does to one image's candidates: over the v2 items
+# the total loss's noise (0.1 x sqrt 3 = 0.17) is about half the spread of the exact losses
+# (standard deviation 0.35) and 14% of pairs of candidates swap order (docs/method/oracle.md, "A
+# noisy judge"). The setting's own default stays 0: an exact judge.
 CLIP_LIKE_NOISE = 0.1
 
 

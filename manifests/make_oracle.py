@@ -2,12 +2,12 @@
 
     python manifests/make_oracle.py [--world v1|v2] [--items N] [--out manifests]
 
-``v1`` (24 items, ``oracle.csv``) is the original world, kept as a regression set; ``v2`` (36
+``v1`` (24 items, ``oracle.csv``) is the simpler world, the regression set; ``v2`` (36
 items, ``oracle_v2.csv``) is the harder one: sizes 150 to 1024 px, aspect ratios up to 3:1, thin
 bars to large blobs, up to four distractors, targets on the border, textured backgrounds. Item
 ``k`` is generated from seed ``k``. The oracle preset's settings were tuned on seeds 1000..1029
-and compared on this manifest (README, "Regions that fit"); issue 9's targets are tested on seeds
-2000..2031 (``tests/test_regions_v2.py``), which neither saw.
+and compared on this manifest (docs/benchmarks/regions.md); the region-choice targets are tested on
+seeds 2000..2031 (``tests/test_regions_v2.py``), which neither saw.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def test_reference_preset_is_the_dataclass_defaults():
 
 def test_default_preset_changes_only_the_region_choice():
     # The models, steps and budgets stay the reference's; what differs is how boxes are proposed
-    # and learned (issue 9's ablation).
+    # and learned (chosen by the oracle-world ablation).
     default, reference = make_config().to_dict(), Config().to_dict()
     changed = {k for k in default if default[k] != reference[k]}
     assert changed and changed <= set(REGION_CHOICE_KEYS)

@@ -1,6 +1,6 @@
 """The oracle world: its components behave as documented, and the region network learns there.
 
-The headline check (issue 2): over 24 generated items, learned regions (``rgn``) reach at least
+The headline check: over 24 generated items, learned regions (``rgn``) reach at least
 90% of ``exhaustive``'s IoU with the target box, and the paper's two ablation baselines are
 clearly worse, through the same code path as the real models.
 """

@@ -1,6 +1,6 @@
 """Oracle world v2: the generator's range, the noisy judge, and the new proposals and anchors.
 
-The region-choice thresholds of issue 9 are in ``tests/test_regions_v2.py``.
+The region-choice thresholds are in ``tests/test_regions_v2.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Issue 9's done-when on oracle world v2, ``oracle`` preset: the proposals can fit the targets
-(``exhaustive`` mean box IoU >= 0.65), learned regions get near that bound with far fewer edits
-(``rgn`` >= 0.95 of ``exhaustive`` with <= 60% of its editor calls), are clearly better than DINO
-anchors with random sizes (>= 0.10 above ``dino-random``), and hold up under a judge about as
+"""The region-choice targets on oracle world v2, ``oracle`` preset: the proposals can fit the
+targets (``exhaustive`` mean box IoU >= 0.65), learned regions get near that bound with far fewer
+edits (``rgn`` >= 0.95 of ``exhaustive`` with <= 60% of its editor calls), are clearly better than
+DINO anchors with random sizes (>= 0.10 above ``dino-random``), and hold up under a judge about as
 unreliable as CLIP (``rgn`` with ``oracle_noise`` = ``CLIP_LIKE_NOISE`` >= 0.90 of noise-free
 ``exhaustive``).
 
@@ -83,7 +83,7 @@ def _method(preset: str) -> dict:
 
 @pytest.mark.parametrize("preset", ["default", "fast"])
 def test_preset_region_choice_beats_the_papers_at_a_like_cost(items, preset):
-    # What the issue-9 ablation chose for the real-model presets, against the reference's
+    # What the oracle-world ablation chose for the real-model presets, against the reference's
     # proposals and learner at the same budget (anchors, iterations), on held-out items (measured
     # 2026-11-22: default 0.705 vs 0.470 IoU for 38.3 vs 37.0 calls; fast 0.521 vs 0.420 for
     # 29.0 vs 30.9).

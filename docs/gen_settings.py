@@ -1,0 +1,210 @@
+"""Generate the settings page (``user-guide/settings.md``) from the code, at build time.
+
+Run by mkdocs-gen-files (``mkdocs.yml``: ``plugins: gen-files``). Every field of
+:class:`lregions_core.config.Config` is listed once, with
+
+* its name, type and default from ``dataclasses.fields(Config)``;
+* its help text from the comments in ``lregions_core/config.py``: the comment on the field's own
+  line, after any comment lines directly above it (section rules ``# --- title ---`` excepted);
+* its section from the ``# --- title ---`` rule above it;
+* the batch stage whose cache key it enters (``lregions_core.stages.STAGE_SETTINGS``), or
+  "operational" (``OPERATIONAL_SETTINGS``: where or how fast work runs, not its result);
+* the presets that set it themselves (``lregions_core/presets/*.json``; presets based on them
+  inherit it).
+
+A field without a comment fails the build, so a new setting cannot go undocumented. Also runs
+alone: ``python docs/gen_settings.py`` prints the page.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import io
+import json
+import re
+import tokenize
+
+from lregions_core import config as config_module
+from lregions_core.config import Config, load_preset, preset_names
+from lregions_core.stages import OPERATIONAL_SETTINGS, STAGE_SETTINGS
+
+PAGE = "user-guide/settings.md"
+SECTION = re.compile(r"^#\s*---\s*(.*?)\s*-*\s*$")
+
+
+def _comments(source: str) -> dict[int, tuple[str, bool]]:
+    """Line number -> (comment text without '#', whether the line holds only the comment)."""
+    code_lines: set[int] = set()
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string
+        elif tok.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
+                              tokenize.ENDMARKER):
+            code_lines.add(tok.start[0])
+    return {line: (text, line not in code_lines) for line, text in comments.items()}
+
+
+def field_docs() -> list[dict]:
+    """One record per Config field, in declaration order."""
+    source, first = inspect.getsourcelines(Config)
+    text = "".join(source)
+    comments = _comments(text)
+    lines = {}  # field name -> (first line, last line), relative to the class source
+    for node in ast.parse(text).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            lines[node.target.id] = (node.lineno, node.end_lineno)
+
+    records = []
+    for f in dataclasses.fields(Config):
+        start, end = lines[f.name]
+        above = []
+        line = start - 1
+        while line in comments and comments[line][1] and not SECTION.match(comments[line][0]):
+            above.insert(0, comments[line][0])
+            line -= 1
+        own = [comments[n][0] for n in range(start, end + 1) if n in comments]
+        help_text = " ".join(c.lstrip("#").strip() for c in above + own).strip()
+        if not help_text:
+            raise SystemExit(
+                f"Config.{f.name} has no comment in lregions_core/config.py: add one on its line "
+                "(or on the lines above it); the settings page is generated from them"
+            )
+        section = "Settings"
+        for n in range(start - 1, 0, -1):
+            if n in comments and (m := SECTION.match(comments[n][0])):
+                section = m.group(1)
+                break
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory()  # type: ignore[misc]
+        records.append({
+            "name": f.name,
+            "type": f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type)),
+            "default": default,
+            "help": help_text,
+            "section": section,
+            "line": first + start - 1,
+        })
+    return records
+
+
+def _value(value) -> str:
+    return "`" + json.dumps(value) + "`"
+
+
+def _expand_choices(help_text: str) -> str:
+    """'one of MODES' -> 'one of MODES: `rgn`, `exhaustive`, ...' (the tuples in config.py)."""
+    def choices(m: re.Match) -> str:
+        values = getattr(config_module, m.group(0), None)
+        if isinstance(values, tuple) and all(isinstance(v, str) for v in values):
+            return m.group(0) + " (" + ", ".join(f"`{v}`" for v in values) + ")"
+        return m.group(0)
+
+    return re.sub(r"\b[A-Z][A-Z_]{2,}\b", choices, help_text)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render() -> str:
+    stage_of: dict[str, list[str]] = {}
+    for stage, keys in STAGE_SETTINGS.items():
+        for key in keys:
+            stage_of.setdefault(key, []).append(stage)
+    presets = {name: load_preset(name) for name in preset_names()}
+
+    out = [
+        "# Settings",
+        "",
+        ("<!-- Generated by docs/gen_settings.py from lregions_core/config.py: edit the comments "
+        "there, not this page. -->"),
+        "",
+        ("Every setting of `lregions_core.config.Config`, generated from the code when the site is "
+        "built: the name, type and default from the dataclass, the text from the comment beside "
+        "each field in `lregions_core/config.py`."),
+        "",
+        ("Give a setting on the command line with `--set key=value` (the value is read as JSON "
+        "when it parses: numbers, `true`/`false`, `null`, lists, objects; else it is a string), "
+        "in Python with `make_config(preset, {key: value})` or `config.replace(key=value)`. "
+        "A preset (see [Presets](presets.md)) sets some of them; `--set` goes on top."),
+        "",
+        ("**Stage** is the batch stage whose cache key the setting enters: changing it recomputes "
+        "that stage and the ones after it, and reuses the ones before (see "
+        "[The batch pipeline](../scale/pipeline.md)). `features` settings also enter `regions` "
+        "(the regions stage's key includes the features' settings). **operational** settings "
+        "change where or how fast work runs, not its result, and enter no cache key. "
+        "**Presets** lists the presets that set it, with their value; a preset based on another "
+        "(`\"base\"`) inherits the values it does not set itself."),
+        "",
+    ]
+    records = field_docs()
+    sections: list[str] = []
+    for r in records:
+        if r["section"] not in sections:
+            sections.append(r["section"])
+    out.append("Sections: " + ", ".join(
+        f"[{s}](#{_anchor(s)})" for s in sections) + ".")
+    out.append("")
+    for section in sections:
+        out += [f"## {section[:1].upper() + section[1:]}", ""]
+        out += ["| setting | type | default | stage | presets | what it does |",
+                "|---|---|---|---|---|---|"]
+        for r in (r for r in records if r["section"] == section):
+            name = r["name"]
+            if name in OPERATIONAL_SETTINGS:
+                stage = "operational"
+            else:
+                stage = ", ".join(s for s in stage_of.get(name, []) if not (
+                    s == "regions" and "features" in stage_of.get(name, [])))
+            setters = [_setter(p, doc, name, presets) for p, doc in presets.items()
+                       if name in doc.get("set", {})]
+            out.append("| " + " | ".join([
+                f"`{name}`",
+                f"`{_cell(r['type'])}`",
+                _cell(_value(r["default"])),
+                stage or "none",
+                _cell("<br>".join(setters)) or "",
+                _cell(_expand_choices(r["help"])),
+            ]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _setter(name: str, doc: dict, key: str, presets: dict[str, dict]) -> str:
+    """``default: `"peaks"` (and amused, fast, tiny)``: a preset's own value and the presets
+    that inherit it."""
+    heirs = []
+    for other, other_doc in presets.items():
+        base = other_doc.get("base")
+        while base is not None and base != name and key not in presets[base].get("set", {}):
+            base = presets[base].get("base")
+        if other != name and base == name and key not in other_doc.get("set", {}):
+            heirs.append(other)
+    text = f"{name}: {_value(doc['set'][key])}"
+    return text + (f" (and {', '.join(heirs)})" if heirs else "")
+
+
+def _anchor(title: str) -> str:
+    """The heading id the toc extension gives a section (``## Title``)."""
+    title = title[:1].upper() + title[1:]
+    slug = re.sub(r"[^\w\s-]", "", title.lower()).strip()
+    return re.sub(r"[\s]+", "-", slug)
+
+
+def main() -> None:
+    import mkdocs_gen_files
+
+    with mkdocs_gen_files.open(PAGE, "w") as f:
+        f.write(render())
+    mkdocs_gen_files.set_edit_path(PAGE, "../lregions_core/config.py")
+
+
+if __name__ == "__main__":
+    print(render())
+else:
+    main()
