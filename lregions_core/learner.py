@@ -29,7 +29,7 @@ scores badly on a round object, a box reaching past the object spills) to the bo
 anchors and to boxes never tried; ``regression-anchor`` centres logits and targets per anchor
 (only the ordering within an anchor is learnt), ``listwise`` matches the policy to a softmax of
 the known losses. Which boxes to try and when to stop are settings of their own (the levers that
-decide how many edits learning costs; the README measures each):
+decide how many edits learning costs; the benchmarks documentation measures each):
 
 - ``rgn_sampling``: ``policy`` samples from the policy (a box already edited costs nothing but
   teaches nothing), ``untried`` samples among boxes not edited yet, so every edit is new.

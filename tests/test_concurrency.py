@@ -1,11 +1,11 @@
 """First use of several stages at the same moment, from several threads, in a fresh process: no
 import deadlock, no row lost, one model load per process and settings.
 
-Before lregions_core.loading, a resumed batch lost rows to ``deadlock detected by
-_ModuleLock('torchvision.ops.misc')``: the regions stage's first RoIAlign imported torchvision.ops
-while another task thread's CLIP load imported open_clip (which imports torchvision.models, and
-the two import each other). Only a fresh process has not imported them yet, so each round runs in
-a new interpreter.
+Without one lock for first imports (lregions_core.loading), a row fails with ``deadlock
+detected by _ModuleLock('torchvision.ops.misc')`` when the regions stage's first RoIAlign imports
+torchvision.ops while another task thread's CLIP load imports open_clip (which imports
+torchvision.models, and the two import each other). Only a fresh process has not imported them
+yet, so each round runs in a new interpreter.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ROUNDS = 3  # the code before lregions_core.loading failed 6 rounds out of 6 of this script
+ROUNDS = 3  # without the import lock, every round of this script failed (6 of 6)
 
 SCRIPT = r"""
 import json, sys, threading

@@ -6,7 +6,7 @@ Why these tolerances: CLIP's losses of two boxes of one photo often differ only 
 decimal, so a precision whose error reaches that would change which box the learner prefers.
 float16 (10-bit mantissa) stays an order of magnitude below it; bfloat16 (7 bits) does not
 always, which is why ``dtype="auto"`` means float16 on CUDA, and bfloat16 is an option. The
-gaps measured so far are in the README's GPU benchmark section.
+gaps measured so far are in the benchmarks documentation (Real size and GPU).
 """
 
 from __future__ import annotations
