@@ -22,6 +22,7 @@ from lregions_core.config import Config
 from lregions_core.manifest import ManifestRow
 from lregions_core.metrics import shared_evaluator
 from lregions_core.pipeline import shared_models
+from lregions_core.remote import error_kind
 from lregions_core.store import Store
 
 Work = Callable[[ManifestRow, dict], "dict | None"]
@@ -38,7 +39,8 @@ def row_of(state: dict) -> ManifestRow:
 
 
 def run_stage(states: list[dict], stage: str, work: Work) -> list[dict]:
-    """Run ``work`` on every pending row; a failure marks only that row, with its message."""
+    """Run ``work`` on every pending row; a failure marks only that row, with its message and
+    its kind (:func:`~lregions_core.remote.error_kind`: "transient" or "data")."""
     for state in states:
         if state["status"] != "pending":
             continue
@@ -51,6 +53,7 @@ def run_stage(states: list[dict], stage: str, work: Work) -> list[dict]:
         except Exception as exc:  # noqa: BLE001 - one bad row must not sink the chunk
             state["status"] = "error"
             state["error"] = f"{stage}: {exc}"
+            state["error_kind"] = error_kind(exc)  # "transient": the next run tries it again
             state["traceback"] = traceback.format_exc(limit=3)
     return states
 

@@ -6,8 +6,12 @@ these.
 ``presets``                            the presets and what they set
 ``download --preset NAME``             fetch every weight a preset needs (for offline nodes)
 ``report DIR``                         (re)write a batch or ablation folder's report.html
+``verify DIR [--repair] [--json]``     decode every file of a batch folder; remove the damage
+``ingest FORMAT SOURCE --out CSV``     a manifest from a benchmark or photo set (exit 1 when
+                                       some source records were rejected)
 
-Exit status: 0 success, 1 the work failed (unreadable image, missing weights), 2 usage error.
+Exit status: 0 success, 1 the work failed (unreadable image, missing weights) or ``verify``
+found damage, 2 usage error.
 """
 
 from __future__ import annotations
@@ -63,6 +67,46 @@ def _cmd_report(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    """Decode every file of a batch output folder; with ``--repair``, remove the damaged items'
+    result.json and the damaged files so the next run redoes exactly those items. Exit 0 when
+    everything is whole, 1 when something is damaged."""
+    from lregions_core import verify
+    from lregions_core.store import Store
+
+    store = Store(args.dir)
+    try:
+        found = verify.verify(store)
+    except FileNotFoundError as exc:  # no index: not a batch output folder
+        raise ConfigError(f"{exc} (not a batch output folder)") from None
+    removed = verify.repair(store, found) if args.repair else None
+    if args.json:
+        print(json.dumps({**found.to_dict(), "ok": not found.damage, "removed": removed}))
+    else:
+        for line in verify.lines(found):
+            print(line)
+        for line in verify.repair_lines(removed) if removed is not None else ():
+            print(line)
+    return 1 if found.damage else 0
+
+
+def _cmd_ingest(args: argparse.Namespace) -> int:
+    """Write a manifest from a benchmark or photo set (:mod:`lregions_core.ingest`); print each
+    rejected record with its reason. Exit 0 when every source record became a row, else 1."""
+    from lregions_core.ingest import IngestError, ingest
+
+    try:
+        done = ingest(args.format, args.source, args.out, limit=args.limit,
+                      prompts=args.prompts, prompt=args.prompt, width=args.width)
+    except IngestError as exc:  # the source as a whole is unusable: a usage error
+        raise ConfigError(str(exc)) from None
+    for reject in done.rejected:
+        print(f"rejected {reject['record']} (id {reject['id']}): {reject['reason']}")
+    print(f"{len(done.rows)} rows -> {done.manifest}; {len(done.written)} new image/mask files"
+          + (f"; {len(done.rejected)} rejected -> {done.rejected_path}" if done.rejected else ""))
+    return 1 if done.rejected else 0
 
 
 def _cmd_presets(args: argparse.Namespace) -> int:
@@ -130,6 +174,31 @@ def build_parser(prog: str = "lregions") -> tuple[argparse.ArgumentParser, Any]:
     p = sub.add_parser("report", help="write DIR/report.html for a batch or ablation folder")
     p.add_argument("dir")
     p.set_defaults(run=_cmd_report)
+
+    p = sub.add_parser("verify", help="decode every file of a batch output folder DIR and "
+                       "name what is damaged (exit 1); --repair makes the next run redo it")
+    p.add_argument("dir", help="batch output folder (local path or fsspec URL)")
+    p.add_argument("--repair", action="store_true", help="remove the damaged items' "
+                   "result.json and the damaged files (nothing else), so the next "
+                   "`lregions edit` redoes exactly those items")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of lines")
+    p.set_defaults(run=_cmd_verify)
+
+    from lregions_core.ingest import FORMATS
+
+    p = sub.add_parser("ingest", help="write a manifest CSV from a benchmark or photo set")
+    p.add_argument("format", choices=FORMATS)
+    p.add_argument("source", help="tedbench/pie-bench: the benchmark folder; emu-edit/magicbrush:"
+                   " a Parquet file or folder; unsplash: photos.tsv000 (or its folder); "
+                   "folder: the images' folder")
+    p.add_argument("--out", required=True, help="manifest CSV to write (local); images and "
+                   "masks go to images/ and masks/ beside it")
+    p.add_argument("--limit", type=positive_int, help="only the first N source records")
+    p.add_argument("--prompts", help="unsplash: CSV photo_id,prompt[,source]; "
+                   "folder: CSV image,prompt[,source]")
+    p.add_argument("--prompt", help="unsplash: one prompt for every photo")
+    p.add_argument("--width", type=positive_int, help="unsplash: fetch photos W px wide")
+    p.set_defaults(run=_cmd_ingest)
 
     p = sub.add_parser("presets", help="list presets")
     p.set_defaults(run=_cmd_presets)

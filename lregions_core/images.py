@@ -28,6 +28,7 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lregions_core import remote
 from lregions_core.loading import heavy_import
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "MAX_PIXELS",
     "ImageLoadError",
     "Matte",
+    "TransientImageError",
     "box_mask",
     "box_matte",
     "changed_pixels",
@@ -68,6 +70,13 @@ class ImageLoadError(ValueError):
 
     def __reduce__(self):  # keep the two-argument constructor picklable (worker processes)
         return (type(self), (self.path, self.problem))
+
+
+class TransientImageError(ImageLoadError):
+    """An image URL that could not be read for a reason that may pass (timeouts, broken
+    connections, 408, 429, 5xx) after every try: the row fails, and the next run tries again."""
+
+    transient = True
 
 
 def _read_bytes(source: str | os.PathLike[str]) -> bytes:
@@ -104,9 +113,17 @@ def skimage_sample(name: str):
 
 
 def read_source(location: str | os.PathLike[str]) -> bytes | np.ndarray:
-    """The raw content behind an image location: the file's bytes (local path or fsspec URL),
-    or the pixel array of ``skimage:NAME``. Failures raise :class:`ImageLoadError`."""
+    """The raw content behind an image location: the file's bytes (local path, fsspec URL, or
+    http(s) URL read by :func:`lregions_core.remote.fetch` with timeouts and retries), or the
+    pixel array of ``skimage:NAME``. Failures raise :class:`ImageLoadError`; an http(s) read
+    that failed for a passing reason raises its subclass :class:`TransientImageError`."""
     path = os.fspath(location)
+    if remote.is_http(path):
+        try:
+            return remote.fetch(path)
+        except remote.FetchError as exc:
+            error = TransientImageError if exc.transient else ImageLoadError
+            raise error(path, exc.detail) from None
     if path.startswith(SKIMAGE_PREFIX):
         loader = skimage_sample(path[len(SKIMAGE_PREFIX) :])
         if loader is None:

@@ -9,7 +9,12 @@ Layout, under the folder that holds ``index.parquet`` (the output folder, or an 
   time) into this file, written atomically, and the parts folder is removed.
 - ``index-parts/run=<run id>/run.json``: the run's fingerprint (manifest rows, settings, how
   rows are cut into parts). A later run with the same fingerprint *resumes* that run
-  (:func:`begin_run`): parts it already wrote are kept and their rows are not processed again.
+  (:func:`begin_run`): parts it already wrote are kept and their rows are not processed again,
+  except a part with a row that failed for a transient reason (``error_kind`` "transient": a
+  network read that failed after every try): ``<part>.retry.json`` beside it says so, and the
+  resumed run runs that part's chunk again (its finished rows are reused, not recomputed).
+- ``error_kind`` of a failed row: "transient" (tried again by the next run, fresh or resumed)
+  or "data" (every other failure: the row's input or its processing; tried again by a fresh run).
 
 :func:`read_index` gives the latest word on every row: ``index.parquet`` overlaid with the rows
 of any parts left by runs that did not finish (the newest run wins). Every part has the same
@@ -36,10 +41,12 @@ from lregions_core.store import Store
 PARTS = "index-parts"
 INDEX = "index.parquet"
 RUN_RECORD = "run.json"
+RETRY_SUFFIX = ".retry.json"  # beside a part with transiently failed rows: not done on resume
 
 SCHEMA = pa.schema(
     [
         ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
+        ("error_kind", pa.string()),
         ("final_path", pa.string()), ("box", pa.string()), ("shape", pa.string()),
         ("text_sim", pa.float64()), ("image_sim", pa.float64()), ("loss", pa.float64()),
         ("selection_score", pa.float64()), ("editor_requests", pa.int64()),
@@ -53,6 +60,9 @@ SCHEMA = pa.schema(
         ("row", pa.int64()),
         *[(metric, pa.float64()) for metric in METRICS],
         ("metrics_missing", pa.string()), ("metrics_weights", pa.string()),
+        # the manifest's target_mask; which ground truth the bg_* metrics used ("target_mask",
+        # "target_box" or null: the chosen box), and whence the object metrics' mask came
+        ("target_mask", pa.string()), ("ground_truth", pa.string()), ("object_mask", pa.string()),
     ]
 )
 INDEX_COLUMNS = SCHEMA.names
@@ -87,14 +97,14 @@ def fingerprint(rows: Iterable[Any], config: Config, **layout: Any) -> str:
 def begin_run(store: Store, folder: str, fingerprint: str) -> tuple[str, set[str]]:
     """The run to write parts into: the newest unfinished run with this fingerprint (a run that
     was killed, or whose workers were lost), else a new one. Returns its id and the names of
-    the parts it has already written (their rows are done)."""
+    the parts it has already written whose rows are done (no transient failure among them)."""
     for run_id in reversed(_runs(store, folder)):
         try:
             record = store.read_json(_join(folder, PARTS, f"run={run_id}", RUN_RECORD))
         except (OSError, ValueError):
             continue
         if record.get("fingerprint") == fingerprint:
-            return run_id, part_names(store, folder, run_id)
+            return run_id, part_names(store, folder, run_id) - retry_parts(store, folder, run_id)
     run_id = new_run_id()
     store.write_json(_join(folder, PARTS, f"run={run_id}", RUN_RECORD),
                      {"fingerprint": fingerprint, "started": time.time()})
@@ -107,13 +117,22 @@ def part_names(store: Store, folder: str, run_id: str) -> set[str]:
             for rel in _parts(store, folder, run_id)}
 
 
+def retry_parts(store: Store, folder: str, run_id: str) -> set[str]:
+    """Names of the parts of ``run_id`` with a transiently failed row (see :func:`write_part`)."""
+    return {name.removesuffix(RETRY_SUFFIX)
+            for name in store.listdir(_join(folder, PARTS, f"run={run_id}"))
+            if name.endswith(RETRY_SUFFIX)}
+
+
 def part_counts(store: Store, folder: str, run_id: str, part: str) -> dict[str, int]:
-    """rows, ok, failed and reused of one written part."""
-    table = _read(store, part_path(folder, run_id, part)).select(["status", "reused"])
+    """rows, ok, failed, reused and transient (failed rows to try again) of one written part."""
+    table = _read(store, part_path(folder, run_id, part)).select(["status", "reused",
+                                                                  "error_kind"])
     status, reused = table.column("status").to_pylist(), table.column("reused").to_pylist()
     ok = sum(s == "ok" for s in status)
     return {"rows": len(status), "ok": ok, "failed": len(status) - ok,
-            "reused": sum(bool(r) for r in reused)}
+            "reused": sum(bool(r) for r in reused),
+            "transient": table.column("error_kind").to_pylist().count("transient")}
 
 
 def index_row(state: dict, config: Config) -> dict[str, Any]:
@@ -136,6 +155,7 @@ def index_row(state: dict, config: Config) -> dict[str, Any]:
         "id": row["id"],
         "status": "ok" if ok else "error",
         "error": state.get("error"),
+        "error_kind": None if ok else state.get("error_kind") or "data",
         "final_path": state.get("final_path"),
         "box": ",".join(str(v) for v in box) if box else None,
         "shape": result.get("shape"),
@@ -161,6 +181,9 @@ def index_row(state: dict, config: Config) -> dict[str, Any]:
         **{m: _number(metrics.get(m)) for m in METRICS},
         "metrics_missing": json.dumps(missing) if ok else None,
         "metrics_weights": evaluation.get("weights"),
+        "target_mask": row.get("target_mask"),
+        "ground_truth": evaluation.get("ground_truth"),
+        "object_mask": evaluation.get("object_mask"),
     }
 
 
@@ -177,10 +200,21 @@ def table(states: list[dict], config: Config) -> pa.Table:
 
 def write_part(store: Store, folder: str, run_id: str, part: str, states: list[dict],
                config: Config) -> None:
-    """Write the index rows of ``states`` (rows that have been through every stage)."""
+    """Write the index rows of ``states`` (rows that have been through every stage). When a row
+    failed for a transient reason, ``<part>.retry.json`` (its ids) is written first, so a
+    resumed run never takes such a part for done; a part written again without one removes it.
+    """
+    rows = table(states, config)
+    retry = _join(folder, PARTS, f"run={run_id}", part + RETRY_SUFFIX)
+    transient = [i for i, kind in zip(rows.column("id").to_pylist(),
+                                      rows.column("error_kind").to_pylist()) if kind == "transient"]
+    if transient:
+        store.write_json(retry, {"transient": transient})
     buffer = pa.BufferOutputStream()
-    pq.write_table(table(states, config), buffer)
+    pq.write_table(rows, buffer)
     store.write_bytes(part_path(folder, run_id, part), buffer.getvalue().to_pybytes())
+    if not transient:
+        store.remove([retry])  # one left by an earlier write of this part, if any
 
 
 def _runs(store: Store, folder: str) -> list[str]:

@@ -2,7 +2,9 @@
 
 :func:`read_manifest` raises :class:`ManifestError` for problems with the whole file and sets
 :attr:`ManifestRow.error` for problems with one row, so the rest of the batch can still run.
-Images are not decoded here: local paths are checked to exist, URLs only when loaded.
+Images are not decoded here: local paths are checked to exist, URLs only when loaded. A
+``target_mask`` (the ground-truth edit region, 255 = edit) is checked like ``image``, and a local
+one's header must also be an image's.
 :func:`safe_item_dir` joins an item id onto an output folder and refuses anything that escapes.
 """
 
@@ -21,13 +23,15 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import fsspec
+from PIL import Image
 
+from lregions_core import remote
 from lregions_core.images import SKIMAGE_PREFIX, skimage_sample
 
 __all__ = ["ManifestError", "ManifestRow", "read_manifest", "safe_item_dir"]
 
 REQUIRED = ("image", "prompt")
-KNOWN = (*REQUIRED, "source", "id", "seed", "target_box")
+KNOWN = (*REQUIRED, "source", "id", "seed", "target_box", "target_mask")
 
 # Ids name output folders: one path component, never hidden, never "..", bounded length.
 _ID_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")  # used with fullmatch
@@ -54,7 +58,8 @@ class ManifestError(ValueError):
 @dataclass(frozen=True)
 class ManifestRow:
     """One job. ``row`` is the 1-based data-row number (header excluded); ``image`` is resolved
-    (absolute local path, fsspec URL or ``skimage:NAME``); ``error`` is None for a valid row."""
+    (absolute local path, fsspec URL or ``skimage:NAME``); ``target_mask`` likewise (a local path
+    or URL of a mask image, 255 = the edit region); ``error`` is None for a valid row."""
 
     row: int
     id: str
@@ -64,11 +69,16 @@ class ManifestRow:
     seed: int | None = None
     target_box: tuple[int, int, int, int] | None = None
     error: str | None = None
+    target_mask: str | None = None
 
     def to_record(self) -> dict:
-        """Plain JSON-ready dict (the box as a list)."""
+        """Plain JSON-ready dict (the box as a list). ``target_mask`` is left out when there is
+        none, so rows without one keep the records (and run fingerprints) they always had."""
         box = list(self.target_box) if self.target_box is not None else None
-        return {**dataclasses.asdict(self), "target_box": box}
+        record = {**dataclasses.asdict(self), "target_box": box}
+        if record["target_mask"] is None:
+            del record["target_mask"]
+        return record
 
     @classmethod
     def from_record(cls, record: dict) -> ManifestRow:
@@ -78,10 +88,16 @@ class ManifestRow:
 
 
 def _read_text(path: str) -> str:
-    """Whole manifest as text; every way of failing becomes a ManifestError."""
+    """Whole manifest as text; every way of failing becomes a ManifestError. An http(s) URL is
+    read by :func:`lregions_core.remote.fetch` (timeouts, retries), anything else by fsspec."""
     try:
-        with fsspec.open(path, "rb") as f:
-            data = f.read()
+        if remote.is_http(path):
+            data = remote.fetch(path)
+        else:
+            with fsspec.open(path, "rb") as f:
+                data = f.read()
+    except remote.FetchError as e:
+        raise ManifestError(path, f"cannot read: {e.detail}") from None
     except (OSError, ValueError, ImportError) as e:
         # fsspec raises ValueError for unknown protocols, ImportError for missing backends.
         known = {FileNotFoundError: "file not found", IsADirectoryError: "is a directory"}
@@ -124,6 +140,26 @@ def _resolve_image(raw: str, base: str) -> tuple[str, str | None]:
         return path, f"image not found: {path}"
     if os.path.isdir(path):
         return path, f"image is a directory: {path}"
+    return path, None
+
+
+def _resolve_mask(raw: str, base: str) -> tuple[str | None, str | None]:
+    """(resolved target_mask or None, error or None): resolved like an image; a local file's
+    header must be an image's (a cheap check: the pixels are decoded when evaluating)."""
+    if not raw:
+        return None, None
+    if raw.startswith(SKIMAGE_PREFIX):
+        return raw, f"target_mask must be a file or URL, got {raw!r}"
+    path, error = _resolve_image(raw, base)
+    if error:
+        return path, error.replace("image", "target_mask", 1)
+    if "://" in path:
+        return path, None
+    try:
+        with Image.open(path) as image:
+            image.size  # noqa: B018 - reading the header is the check
+    except (OSError, ValueError) as exc:
+        return path, f"target_mask {path} is not a readable image ({type(exc).__name__})"
     return path, None
 
 
@@ -209,6 +245,7 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
         image, image_err = _resolve_image(get["image"], base)
         seed, seed_err = _parse_seed(get["seed"])
         box, box_err = _parse_box(get["target_box"])
+        mask, mask_err = _resolve_mask(get["target_mask"], base)
         source = get["source"] or None
         # Unparseable seed/box cells hash as their raw text: such rows are errors anyway.
         seed_key = get["seed"] if seed_err else seed
@@ -221,6 +258,7 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
             None if get["prompt"] else "empty prompt",
             seed_err,
             box_err,
+            mask_err,
             _id_problem(item_id) if get["id"] else None,
         ]
         if item_id.lower() in first_row_of:
@@ -228,7 +266,8 @@ def read_manifest(path: str | os.PathLike) -> list[ManifestRow]:
         else:
             first_row_of[item_id.lower()] = number
         error = "; ".join(e for e in errors if e) or None
-        rows.append(ManifestRow(number, item_id, image, get["prompt"], source, seed, box, error))
+        rows.append(ManifestRow(number, item_id, image, get["prompt"], source, seed, box, error,
+                                target_mask=mask))
     if not rows:
         raise ManifestError(path, "no data rows (only a header)")
     return rows

@@ -7,7 +7,20 @@ between DINO ViT self-similarity matrices of source and result, and the chosen b
 ground-truth box. Where the object's mask is known (the oracle world's target, or the refined
 mask of a masked edit), the background *inside* the chosen box but outside the object
 (``box_bg_*``: what a box edit repaints needlessly), the share of changed pixels that lie outside
-the object and the IoU of the changed pixels with it. The pure functions take numpy images (H, W, 3), uint8 or float in [0, 255], and compute on [0, 1] floats;
+the object and the IoU of the changed pixels with it.
+
+Ground truth: a ``target_mask`` (the edit region, from the manifest) is preferred to a
+``target_box``; :meth:`Evaluator.evaluate` reports which one the ``bg_*`` metrics used
+(``ground_truth``: "target_mask", "target_box" or None for the chosen box). With a target_mask,
+the ``pie_*`` metrics follow PIE-Bench's evaluation code instead of true masked means: both
+images are multiplied by (1 - mask), i.e. the edit region is zeroed, and PSNR, MSE, SSIM
+(torchmetrics, data_range 1) and LPIPS are taken over the whole zeroed images; ``pie_clip_whole``
+and ``pie_clip_edited`` are CLIP scores (100 max(cos, 0), torchmetrics' CLIPScore) of the prompt
+with the whole edit and with the edit multiplied by the mask. They are comparable with published
+PIE-Bench tables only as far as the models are: PIE-Bench's CLIP is ViT-L/14 and its LPIPS
+SqueezeNet, while these use the config's CLIP model and the project's LPIPS (AlexNet).
+
+The pure functions take numpy images (H, W, 3), uint8 or float in [0, 255], and compute on [0, 1] floats;
 a ``mask`` is (H, W) bool, True on the pixels that COUNT (the unedited background). Every masked
 statistic is a true masked mean over the counted pixels, never a statistic of a zero-filled image
 (zero-filling drags the value towards "identical" by the share of masked-out pixels).
@@ -38,7 +51,13 @@ from PIL import Image
 
 from lregions_core.anchors import box_iou
 from lregions_core.config import Config
-from lregions_core.images import changed_pixels, pixel_box, to_working
+from lregions_core.images import (
+    ImageLoadError,
+    changed_pixels,
+    pixel_box,
+    read_source,
+    to_working,
+)
 from lregions_core.loading import heavy_import, load_once
 from lregions_core.models.runtime import seeded
 from lregions_core.models.weights import WeightsUnavailableError
@@ -47,9 +66,11 @@ METRICS = (  # in report order
     "clip_text_image", "clip_text_image_region", "clip_image_image", "clip_directional",
     "bg_mse", "bg_psnr", "bg_ssim", "bg_lpips", "structure_distance", "box_iou",
     "box_bg_mse", "box_bg_psnr", "changed_outside", "changed_iou",
+    "pie_mse", "pie_psnr", "pie_ssim", "pie_lpips", "pie_clip_whole", "pie_clip_edited",
 )
-OBJECT_METRICS = METRICS[-4:]  # need an object mask (see Evaluator.evaluate)
+OBJECT_METRICS = METRICS[10:14]  # need an object mask (see Evaluator.evaluate)
 CLIP_METRICS = METRICS[:4]
+PIE_METRICS = METRICS[14:]  # PIE-Bench's conventions; need a target_mask (see pie_background)
 LPIPS_MIN_SIDE = 31  # AlexNet's pooling leaves no feature map below 31 px per side
 NEUTRAL_SOURCE_PROMPT = "a photo"  # same T_src as the CLIP scorer when no caption is given
 
@@ -113,6 +134,70 @@ def background_mask(size: tuple[int, int], region: Sequence[int]) -> np.ndarray:
     mask = np.ones((h, w), dtype=bool)
     mask[max(y0, 0) : max(y1, 0), max(x0, 0) : max(x1, 0)] = False
     return mask
+
+
+def load_target_mask(location: str, size: tuple[int, int], raw: bytes | None = None
+                     ) -> np.ndarray:
+    """The manifest's ``target_mask`` (local path or fsspec URL; ``raw``: its bytes, when the
+    caller read them already) as (H, W) bool for ``size`` = (width, height): True where the mask
+    is over 127 (255 = the edit region). Any mode is read as grey (an alpha channel is ignored);
+    a mask of another size is resized to ``size`` (nearest neighbour). Raises
+    :class:`~lregions_core.images.ImageLoadError` naming the file."""
+    raw = read_source(location) if raw is None else raw
+    if isinstance(raw, np.ndarray) or not raw:
+        raise ImageLoadError(location, "not a mask image file")
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            grey = image.convert("L")
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageLoadError(location, f"not a readable mask image ({type(exc).__name__}: "
+                                       f"{exc})") from None
+    if grey.size != tuple(size):
+        grey = grey.resize(tuple(size), Image.Resampling.NEAREST)
+    return np.asarray(grey) > 127
+
+
+def pie_zeroed(image: np.ndarray, edit: np.ndarray) -> np.ndarray:
+    """PIE-Bench's unedited part: ``image`` in [0, 1] (H, W, 3) float64 times (1 - ``edit``),
+    ``edit`` being the (H, W) bool edit region (zeroed)."""
+    edit = np.asarray(edit, dtype=bool)
+    array = _unit(image)
+    if edit.shape != array.shape[:2]:
+        raise ValueError(f"target mask {edit.shape} and image {array.shape[:2]} differ in size")
+    return array * (~edit)[..., None]
+
+
+def _pie_tensors(a: np.ndarray, b: np.ndarray, edit: np.ndarray) -> tuple[torch.Tensor, ...]:
+    """Both images zeroed on the edit region, as (1, 3, H, W) float64 tensors."""
+    pa, pb = (torch.from_numpy(pie_zeroed(x, edit)).permute(2, 0, 1)[None].contiguous()
+              for x in (a, b))
+    if pa.shape != pb.shape:
+        raise ValueError(f"shapes differ: {tuple(pa.shape)}, {tuple(pb.shape)}")
+    return pa, pb
+
+
+def pie_background(a: np.ndarray, b: np.ndarray, edit: np.ndarray) -> dict[str, float]:
+    """``pie_mse`` and ``pie_psnr`` as PIE-Bench computes them: both images zeroed on the edit
+    region (:func:`pie_zeroed`), then torchmetrics' MSE and PSNR (data_range 1) over the whole
+    images, in float64; PSNR is ``inf`` when the zeroed images are equal."""
+    regression = heavy_import("torchmetrics.functional.regression")
+    image = heavy_import("torchmetrics.functional.image")
+    pa, pb = _pie_tensors(a, b, edit)
+    mse = float(regression.mean_squared_error(pa, pb))
+    psnr = float("inf") if mse == 0 else float(
+        image.peak_signal_noise_ratio(pa, pb, data_range=1.0))
+    return {"pie_mse": mse, "pie_psnr": psnr}
+
+
+def pie_ssim(a: np.ndarray, b: np.ndarray, edit: np.ndarray) -> float:
+    """PIE-Bench's SSIM of the unedited part: torchmetrics' SSIM (Gaussian 11x11 window, sigma
+    1.5, data_range 1) of the two images zeroed on the edit region. Raises ValueError for images
+    under 6 px per side (the reflect-padded window does not fit)."""
+    image = heavy_import("torchmetrics.functional.image")
+    pa, pb = _pie_tensors(a, b, edit)
+    if min(pa.shape[2:]) < 6:
+        raise ValueError(f"SSIM needs at least 6x6 pixels, got {tuple(pa.shape[2:])}")
+    return float(image.structural_similarity_index_measure(pa, pb, data_range=1.0))
 
 
 def change_against_object(a: np.ndarray, b: np.ndarray, obj: np.ndarray) -> dict[str, float]:
@@ -261,14 +346,19 @@ class Evaluator:
         target_box: Box | None = None,
         object_mask: np.ndarray | None = None,
         object_from: str | None = None,
+        target_mask: np.ndarray | None = None,
     ) -> dict[str, Any]:
-        """``{"metrics": {name: float | None}, "missing": {name: reason}, "weights": ...}``.
+        """``{"metrics": {name: float | None}, "missing": {name: reason}, "weights": ...,
+        "object_mask": ..., "ground_truth": ...}``.
 
         ``box`` (the chosen region) and ``target_box`` (a ground-truth region) are in input
-        pixels; ``final`` must have the source's size. The background is everything outside
-        ``target_box`` when given, else outside ``box``: outside the chosen box the pixels are
-        the input's by construction (paste-back), so without ground truth the bg_* metrics
-        measure only the feather (and the box choice is not judged by them).
+        pixels; ``final`` must have the source's size. ``target_mask`` ((H, W) bool at the
+        input's size, True on the edit region) is the ground-truth region where known. The
+        background is everything outside ``target_mask`` when given, else outside
+        ``target_box``, else outside ``box``: outside the chosen box the pixels are the input's
+        by construction (paste-back), so without ground truth the bg_* metrics measure only the
+        feather (and the box choice is not judged by them). ``ground_truth`` says which was
+        used ("target_mask", "target_box" or None). The :data:`PIE_METRICS` need a target_mask.
 
         ``object_mask`` ((H, W) bool at the input's size) is the edited object where it is known
         (``object_from`` says whence, reported as ``object_mask``); without it the
@@ -286,17 +376,57 @@ class Evaluator:
             except _Missing as why:
                 missing.update(dict.fromkeys(names, str(why)))
 
-        region = box if target_box is None else target_box
+        if target_mask is not None:
+            target_mask = np.asarray(target_mask, dtype=bool)
+            if target_mask.shape != (source.height, source.width):
+                raise ValueError(f"target mask {target_mask.shape} and image "
+                                 f"{(source.height, source.width)} differ in size")
+            ground_truth, background = "target_mask", ~target_mask
+        else:
+            region = box if target_box is None else target_box
+            ground_truth = None if target_box is None else "target_box"
+            background = background_mask(source.size, pixel_box(region, source.size))
         record(CLIP_METRICS, lambda: self._clip_metrics(source, final, prompt, source_prompt, box))
         record(("bg_mse", "bg_psnr", "bg_ssim", "bg_lpips"),
-               lambda: self._background(source, final, region, missing))
+               lambda: self._background(source, final, background, missing))
         record(("structure_distance",), lambda: self._structure(source, final))
         record(("box_iou",), lambda: self._iou(box, target_box))
         record(OBJECT_METRICS, lambda: self._object(source, final, box, object_mask, missing))
+        record(PIE_METRICS, lambda: self._pie(source, final, prompt, target_mask, missing))
         missing = {name: missing[name] for name in METRICS if name in missing}  # stable order
         weights = "random" if self.config.random_weights else "pretrained"
         return {"metrics": metrics, "missing": missing, "weights": weights,
-                "object_mask": object_from if object_mask is not None else None}
+                "object_mask": object_from if object_mask is not None else None,
+                "ground_truth": ground_truth}
+
+    def _pie(self, source: Image.Image, final: Image.Image, prompt: str,
+             edit: np.ndarray | None, missing: dict[str, str]) -> dict[str, float | None]:
+        """The :data:`PIE_METRICS` (see the module docstring and :func:`pie_background`)."""
+        if edit is None:
+            raise _Missing("no target_mask in the manifest (PIE-Bench metrics need one)")
+        a, b = np.asarray(source), np.asarray(final)
+        out: dict[str, float | None] = dict(pie_background(a, b, edit))
+        try:
+            out["pie_ssim"] = pie_ssim(a, b, edit)
+        except ValueError as exc:
+            missing["pie_ssim"] = str(exc)
+        zeroed = [(pie_zeroed(x, edit) * 255.0) for x in (a, b)]
+        try:
+            out["pie_lpips"] = float(self._lpips_map(*zeroed).mean())
+        except _Missing as why:
+            missing["pie_lpips"] = str(why)
+        scorer, reason = _model("clip", self._keys["clip"])
+        if scorer is None:
+            missing.update(dict.fromkeys(("pie_clip_whole", "pie_clip_edited"), reason))
+            return out
+        edited_part = Image.fromarray((b * edit[..., None]).astype(np.uint8))
+        with torch.inference_mode():
+            e_whole, e_edited = scorer.embed([final, edited_part])
+            (t_prompt,) = scorer.encode_text([prompt])
+        # torchmetrics' CLIPScore: 100 max(cos, 0); the embeddings are L2-normalised
+        out["pie_clip_whole"] = 100.0 * max(float(e_whole @ t_prompt), 0.0)
+        out["pie_clip_edited"] = 100.0 * max(float(e_edited @ t_prompt), 0.0)
+        return out
 
     @staticmethod
     def _object(source: Image.Image, final: Image.Image, box: Box, obj: np.ndarray | None,
@@ -343,10 +473,10 @@ class Evaluator:
         }
 
     def _background(
-        self, source: Image.Image, final: Image.Image, region: Box, missing: dict[str, str]
+        self, source: Image.Image, final: Image.Image, mask: np.ndarray, missing: dict[str, str]
     ) -> dict[str, float | None]:
+        """The bg_* metrics over the counted pixels of ``mask`` (True on the background)."""
         a, b = np.asarray(source), np.asarray(final)
-        mask = background_mask(source.size, pixel_box(region, source.size))
         if not mask.any():
             raise _Missing("the region covers the whole image: no background to measure")
         out: dict[str, float | None] = {
@@ -358,12 +488,13 @@ class Evaluator:
         except ValueError as exc:
             missing["bg_ssim"] = str(exc)
         try:
-            out["bg_lpips"] = self._bg_lpips(a, b, mask)
+            out["bg_lpips"] = float(self._lpips_map(a, b)[mask].mean())
         except _Missing as why:
             missing["bg_lpips"] = str(why)
         return out
 
-    def _bg_lpips(self, a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    def _lpips_map(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """LPIPS' spatial (H, W) distance map of two images (uint8 or float in [0, 255])."""
         model, reason = _lpips(self._keys["lpips"])
         if model is None:
             raise _Missing(reason)
@@ -377,7 +508,7 @@ class Evaluator:
         with torch.inference_mode():
             # normalize=True maps [0, 1] to LPIPS' [-1, 1]; spatial=True gives a (1, 1, H, W) map
             dist = model(tensor(a).to(device), tensor(b).to(device), normalize=True)
-        return float(dist[0, 0].cpu().numpy()[mask].mean())
+        return dist[0, 0].cpu().numpy()
 
     def _structure(self, source: Image.Image, final: Image.Image) -> dict[str, float]:
         extractor, reason = _model("dino", self._keys["dino"])

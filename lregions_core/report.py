@@ -156,6 +156,17 @@ def _missing(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 # -- batch folders ------------------------------------------------------------------------------
+def _ground_truths(ok: pd.DataFrame) -> str:
+    """Which ground truth the background metrics of the ok rows used, with row counts, e.g.
+    "target_mask: 2, chosen box (no ground truth): 1" (pie_* metrics need a target_mask,
+    box_iou a target_box)."""
+    if "ground_truth" not in ok or ok.empty:
+        return ""
+    names = ok["ground_truth"].map(lambda v: v if isinstance(v, str) and v
+                                   else "chosen box (no ground truth)")
+    return ", ".join(f"{name}: {n}" for name, n in names.value_counts(sort=False).items())
+
+
 def _batch_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
     ok = frame[frame["status"] == "ok"]
     summary = {
@@ -166,13 +177,15 @@ def _batch_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
         "metrics_weights": ", ".join(sorted({str(w) for w in frame.get("metrics_weights", [])
                                              if isinstance(w, str)})),
     }
+    summary["ground_truth"] = _ground_truths(ok)
     columns = _present(ok, [*SCORES, *METRICS])
     means = pd.DataFrame({
         "metric": columns,
         "mean": [float(pd.to_numeric(ok[c], errors="coerce").mean()) for c in columns],
         "n": [int(pd.to_numeric(ok[c], errors="coerce").notna().sum()) for c in columns],
     })
-    items = ok[[c for c in ("id", "prompt", "box") if c in ok] + columns].reset_index(drop=True)
+    items = ok[[c for c in ("id", "prompt", "box", "ground_truth") if c in ok] + columns]
+    items = items.reset_index(drop=True)
     failed = frame[frame["status"] != "ok"]
     failed = failed[[c for c in ("row", "id", "image", "error") if c in failed]]
     return {"Summary": pd.DataFrame([summary]), "Metric means": means, "Items": items,
@@ -225,7 +238,7 @@ def _strip(folder: _Folder, row: pd.Series) -> str:
     source = row.get("source") if isinstance(row.get("source"), str) else manifest.get("source")
     return (f'<div class="item" id="item-{_e(row["id"])}"><h3>{_e(row["id"])}</h3>'
             f"<p>prompt: <b>{_e(row.get('prompt'))}</b>; source: {_e(source)}; "
-            f"image: {_e(row.get('image'))}</p>"
+            f"image: {_e(row.get('image'))}; ground truth: {_e(row.get('ground_truth'))}</p>"
             f'<div class="strip">{"".join(figures)}</div></div>')
 
 

@@ -134,29 +134,50 @@ def ingest(row: ManifestRow, store: Store) -> dict:
     return {"image_hash": image_hash, "image_path": rel}
 
 
+# What reading a stored stage result raises when the file is damaged (truncated, not PNG, JSON
+# or Parquet, or not the layout written) or gone: PIL, json, pandas and pyarrow raise these.
+UNREADABLE = (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError, EOFError,
+              SyntaxError)
+
+
 # -- features -----------------------------------------------------------------------------------
 def features(state: dict, config: Config, store: Store, models: Callable) -> dict:
     """DINO attention and patch features of the working image, one Parquet file per image and
-    feature model."""
-    key = state["features_key"]
-    rel = f"cache/features/{state['image_hash']}-{key}.parquet"
+    feature model. A stored file is trusted by its name here; the regions stage, which reads
+    it, computes it again when it cannot be read (:func:`read_features`)."""
+    rel = f"cache/features/{state['image_hash']}-{state['features_key']}.parquet"
     if not store.exists(rel):
-        pd = heavy_import("pandas")
-        work = to_working(store.read_png(state["image_path"]), config.work_size,
-                          config.work_multiple)
-        feats = models().features(work)
-        frame = pd.DataFrame(
-            {
-                "attention": [feats.attention.astype(np.float32).ravel()],
-                "patches": [feats.patches.astype(np.float32).ravel()],
-                "channels": [feats.patches.shape[0]],
-                "grid_h": [feats.grid[0]],
-                "grid_w": [feats.grid[1]],
-                "feature_model": [config.feature_model],
-            }
-        )
-        store.write_parquet(rel, frame)
+        _write_features(rel, state, config, store, models)
     return {"features_path": rel}
+
+
+def _write_features(rel: str, state: dict, config: Config, store: Store, models: Callable
+                    ) -> None:
+    pd = heavy_import("pandas")
+    feats = models().features(_working(state, config, store))
+    frame = pd.DataFrame(
+        {
+            "attention": [feats.attention.astype(np.float32).ravel()],
+            "patches": [feats.patches.astype(np.float32).ravel()],
+            "channels": [feats.patches.shape[0]],
+            "grid_h": [feats.grid[0]],
+            "grid_w": [feats.grid[1]],
+            "feature_model": [config.feature_model],
+        }
+    )
+    store.write_parquet(rel, frame)
+
+
+def read_features(state: dict, config: Config, store: Store, models: Callable) -> Features:
+    """The row's stored features (see :func:`features`). A file that cannot be read (truncated,
+    not Parquet) is computed again and overwritten: a damaged cache costs a recomputation, not
+    the row."""
+    rel = state["features_path"]
+    try:
+        return load_features(store, rel)
+    except UNREADABLE:
+        _write_features(rel, state, config, store, models)
+        return load_features(store, rel)
 
 
 def load_features(store: Store, rel: str) -> Features:
@@ -183,17 +204,34 @@ def mask_png(masks_path: str, index: int) -> str:
 
 
 def _complete(store: Store, folder: str, summary: str, pngs: Callable[[dict], list[str]]) -> bool:
-    """A stage's folder is complete when its ``summary`` JSON (written last) and every image
-    ``pngs(summary)`` names are there. ``keep_candidates`` may have pruned images since; then
-    the stage is recomputed."""
+    """A stage's folder is complete when its ``summary`` JSON (written last) can be read and
+    every image ``pngs(summary)`` names is there, with the byte size the summary recorded
+    (``sizes``; summaries without it are checked by name only): a truncated image is found
+    from the file system's metadata, without decoding it. ``keep_candidates`` may have pruned
+    images since. An incomplete folder is computed again and overwritten."""
     names = set(store.listdir(folder))
     if summary not in names:
         return False
     try:
-        wanted = pngs(store.read_json(f"{folder}/{summary}"))
-    except (ValueError, KeyError, OSError):
+        found = store.read_json(f"{folder}/{summary}")
+        wanted = [posixpath.basename(png) for png in pngs(found)]
+        sizes = found.get("sizes") or {}
+    except UNREADABLE:
         return False
-    return all(posixpath.basename(png) in names for png in wanted)
+    return all(name in names and (name not in sizes or _size(store, f"{folder}/{name}")
+                                  == sizes[name]) for name in wanted)
+
+
+def _size(store: Store, rel: str) -> int:
+    """A stored file's byte size, from the file system's metadata (a stat; on object stores a
+    HEAD request, or the listing the file system has cached)."""
+    return store.fs.size(store.path(rel))
+
+
+def _sizes(store: Store, rels: list[str]) -> dict[str, int]:
+    """File name -> byte size of freshly written images, for their stage's summary (see
+    :func:`_complete`)."""
+    return {posixpath.basename(rel): _size(store, rel) for rel in rels}
 
 
 def _regions_complete(store: Store, folder: str) -> bool:
@@ -211,7 +249,7 @@ def regions(
         return {"regions_path": folder}
     loaded = models()
     work = _working(state, config, store)
-    feats = load_features(store, state["features_path"])
+    feats = read_features(state, config, store, models)
     proposals, outcome, bank = pipeline.find_regions(
         config, loaded, work, feats, row.prompt, row.source, seed
     )
@@ -224,6 +262,7 @@ def regions(
         f"{folder}/candidates.json",
         {
             "candidates": records,
+            "sizes": _sizes(store, [candidate_png(folder, i) for i in range(len(records))]),
             "work_size": list(work.size),
             "anchors": proposals.centres,
             "proposals": proposals.boxes,
@@ -278,6 +317,7 @@ def masks(row: ManifestRow, state: dict, config: Config, store: Store, models: C
                         "box": cand.box, "loss": cand.loss, "scores": vars(cand.scores)})
     store.write_json(f"{folder}/masks.json", {
         "candidates": records,
+        "sizes": _sizes(store, pngs({"candidates": records})),
         "fallbacks": {str(i): why for i, why in fallbacks.items()},
         "editor_requests": bank.editor_requests,
         "denoise_steps": bank.denoise_steps,
@@ -428,17 +468,50 @@ def prune_candidates(store: Store, result: dict, busy: set[str] | frozenset[str]
         store.remove([rel for rel in present if rel not in kept])
 
 
+def item_files(result: dict, item_id: str, items: str = "items") -> list[str]:
+    """Every file the item's ``result.json`` (``result``) names, relative to the output folder:
+    its final image, overlay and edit layer, the input and the kept candidates' images and
+    masks it refers to. Candidates that ``keep_candidates`` pruned are not named. Raises
+    KeyError, TypeError or AttributeError for a ``result`` that is not an item's result."""
+    refs = [result["input"], result.get("mask"), result.get("layer")]
+    refs += [cand.get(key) for cand in result["candidates"] for key in ("image", "mask")]
+    files = [f"{items}/{item_id}/final.png", f"{items}/{item_id}/overlay.png"]
+    files += [resolve_ref(items, item_id, ref) for ref in refs if ref]
+    return list(dict.fromkeys(files))
+
+
+def missing_files(store: Store, rels: list[str]) -> list[str]:
+    """The files of ``rels`` that are not there, from metadata only: one request per folder,
+    a listing where several files of it are wanted, an existence check where one is (so a
+    large shared folder such as ``cache/images/`` is never listed)."""
+    by_folder: dict[str, list[str]] = {}
+    for rel in rels:
+        by_folder.setdefault(posixpath.dirname(rel), []).append(rel)
+    missing = []
+    for folder, wanted in by_folder.items():
+        if len(wanted) == 1:
+            missing += [rel for rel in wanted if not store.exists(rel)]
+        else:
+            names = set(store.listdir(folder))
+            missing += [rel for rel in wanted if posixpath.basename(rel) not in names]
+    return missing
+
+
 def finished_item(row: ManifestRow, state: dict, store: Store, items: str = "items") -> dict | None:
     """The stored result of this item if a previous run completed it with the same inputs and
-    settings (the item key), else None."""
+    settings (the item key) and every file its result.json names is still there (see
+    :func:`item_files`; checked by name, not decoded), else None: the item is then made again,
+    reusing whatever of its stages' cached results is whole."""
     rel = f"{items}/{row.id}/result.json"
     if "item_key" not in state or not store.exists(rel):
         return None
     try:
         result = store.read_json(rel)
-    except (ValueError, OSError):
+        if result.get("item_key") != state["item_key"]:
+            return None
+        return None if missing_files(store, item_files(result, row.id, items)) else result
+    except UNREADABLE:  # unreadable, not an item's result, or a path outside the output folder
         return None
-    return result if result.get("item_key") == state["item_key"] else None
 
 
 EVAL_SETTINGS = (  # the scorer also decides whether the oracle target is the object mask
@@ -449,10 +522,13 @@ EVAL_SETTINGS = (  # the scorer also decides whether the oracle target is the ob
 
 def object_mask(
     row: ManifestRow, config: Config, store: Store, items: str, result: dict,
-    source: Image.Image,
+    source: Image.Image, target: np.ndarray | None = None,
 ) -> tuple[np.ndarray | None, str | None]:
-    """The edited object's mask at the input's size, and whence: the oracle world's target (the
-    source caption's colour), else the chosen edit's refined mask, else none."""
+    """The edited object's mask at the input's size, and whence: the manifest's ground truth
+    (``target``, the row's target_mask as read by :func:`evaluate`), else the oracle world's
+    target (the source caption's colour), else the chosen edit's refined mask, else none."""
+    if target is not None:
+        return target, "target_mask"
     if config.scorer == "oracle":
         oracle = heavy_import("lregions_core.oracle")
         try:
@@ -471,9 +547,17 @@ def evaluate(
     items: str = "items",
 ) -> dict:
     """Metrics of a finished item (see :mod:`lregions_core.metrics`), stored beside it and
-    reused while the item and the evaluation models are unchanged."""
+    reused while the item, its ground truth (target_box, target_mask) and the evaluation models
+    are unchanged. The target_mask is the ground truth of the background and object metrics
+    where the row has one (its bytes are part of the key); a mask that cannot be read fails the
+    evaluation, naming the file."""
+    from lregions_core.metrics import load_target_mask
+
+    mask_bytes = read_source(row.target_mask) if row.target_mask else b""
+    mask_hash = hashlib.sha256(mask_bytes).hexdigest()[:20] if row.target_mask else None
     rel = f"{items}/{row.id}/metrics.json"
-    key = _hash(state["item_key"], config.digest(EVAL_SETTINGS), library_version(), METRICS)
+    key = _hash(state["item_key"], config.digest(EVAL_SETTINGS), library_version(), METRICS,
+                row.target_box, mask_hash)
     if store.exists(rel):
         try:
             found = store.read_json(rel)
@@ -483,11 +567,13 @@ def evaluate(
             pass  # unreadable: recompute
     result = state.get("result") or store.read_json(f"{items}/{row.id}/result.json")
     source = store.read_png(resolve_ref(items, row.id, result["input"]))
-    obj, whence = object_mask(row, config, store, items, result, source)
+    target = (load_target_mask(row.target_mask, source.size, mask_bytes) if row.target_mask
+              else None)
+    obj, whence = object_mask(row, config, store, items, result, source, target)
     found = evaluator().evaluate(
         source, store.read_png(f"{items}/{row.id}/final.png"),
         prompt=row.prompt, source_prompt=row.source, box=tuple(result["box"]),
-        target_box=row.target_box, object_mask=obj, object_from=whence,
+        target_box=row.target_box, object_mask=obj, object_from=whence, target_mask=target,
     )
     found = {"eval_key": key, **found}
     store.write_json(rel, found)

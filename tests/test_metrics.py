@@ -233,8 +233,12 @@ def test_tiny_all_metrics_present(tiny):
         object_mask=OBJECT, object_from="test",
     )
     assert out["weights"] == "random" and out["object_mask"] == "test"
+    assert out["ground_truth"] == "target_box"
     assert set(out["metrics"]) == set(METRICS)
     for name, value in out["metrics"].items():
+        if name in metrics.PIE_METRICS:  # PIE-Bench's metrics need a target_mask
+            assert value is None and "no target_mask" in out["missing"][name]
+            continue
         if name == "bg_lpips" and value is None:
             assert isinstance(out["missing"][name], str) and out["missing"][name]
             continue
@@ -285,7 +289,8 @@ def test_tiny_identical_images(tiny):
         assert m["bg_lpips"] == pytest.approx(0.0, abs=1e-6)
     assert m["box_iou"] is None
     assert out["missing"].pop("box_iou") == "no target_box in the manifest"
-    assert set(out["missing"]) == set(metrics.OBJECT_METRICS)  # no object mask given
+    # no object mask, no target_mask given
+    assert set(out["missing"]) == {*metrics.OBJECT_METRICS, *metrics.PIE_METRICS}
 
 
 def test_tiny_lpips_masked_mean(tiny):
