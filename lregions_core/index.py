@@ -217,6 +217,22 @@ def write_part(store: Store, folder: str, run_id: str, part: str, states: list[d
         store.remove([retry])  # one left by an earlier write of this part, if any
 
 
+def redo_rows(store: Store, folder: str, ids: Iterable[str], why: str) -> list[str]:
+    """Make a resumed run redo the rows ``ids``: every part of an unfinished run that holds one
+    gets a ``<part>.retry.json`` (``why``, and those ids), so :func:`begin_run` does not count
+    it as done (the part's other rows are reused when it runs again). Returns the markers
+    written."""
+    wanted, written = set(ids), []
+    for run_id in _runs(store, folder):
+        for rel in _parts(store, folder, run_id):
+            found = wanted.intersection(_read(store, rel).column("id").to_pylist())
+            if found:
+                marker = rel.removesuffix(".parquet") + RETRY_SUFFIX
+                store.write_json(marker, {why: sorted(found)})
+                written.append(marker)
+    return written
+
+
 def _runs(store: Store, folder: str) -> list[str]:
     """Run ids with parts under ``folder``, oldest first."""
     return [name.removeprefix("run=") for name in store.listdir(_join(folder, PARTS))

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from lregions_core import stages
-from lregions_core.index import INDEX, PARTS, read_index
+from lregions_core.index import INDEX, PARTS, RETRY_SUFFIX, read_index, redo_rows
 from lregions_core.store import Store
 
 FEATURES = "cache/features"
@@ -210,12 +210,15 @@ def repair(store: Store, found: Verification, items: str = "items") -> list[str]
     """Remove the damaged items' ``result.json`` and every damaged file that is there (files
     that cannot be read; a missing one has nothing to remove), so that the next run redoes
     exactly those items and computes those files again. Never the index, and nothing else.
-    Returns what was removed."""
+    Parts of an unfinished run that hold a damaged item are marked (``<part>.retry.json``), so
+    the run that resumes it redoes them too. Returns what was removed and marked."""
     doomed = [f"{items}/{item}/result.json" for item in found.damaged_items]
     doomed += [d.path for d in found.damage if d.unreadable and d.path != INDEX]
     doomed = [rel for rel in dict.fromkeys(doomed) if store.exists(rel)]
     store.remove(doomed)
-    return doomed
+    # A run left unfinished is resumed by the next run, which skips the rows in its parts:
+    # mark the parts holding damaged items, so that resumed run redoes them too.
+    return doomed + redo_rows(store, "", found.damaged_items, "repaired")
 
 
 def lines(found: Verification, items: str = "items") -> Iterator[str]:
@@ -228,14 +231,18 @@ def lines(found: Verification, items: str = "items") -> Iterator[str]:
         yield f"{d.path}: {d.problem}{suffix}"
     if found.damage and found.unfinished_run:
         yield (f"note: {PARTS}/ holds the index parts of a run that did not end; a rerun with "
-               "the same manifest and settings resumes it and does not redo the rows already "
-               "in its parts")
+               "the same manifest and settings resumes it, and redoes the damaged rows in its "
+               "parts only after --repair")
     yield found.summary()
 
 
 def repair_lines(removed: list[str]) -> Iterator[str]:
     for rel in removed:
-        yield f"removed {rel}"
-    yield (f"removed {len(removed)} files: the next `lregions edit` with the same manifest and "
+        if rel.endswith(RETRY_SUFFIX):
+            yield f"marked {rel}: a resumed run redoes the damaged rows of that part"
+        else:
+            yield f"removed {rel}"
+    files = [rel for rel in removed if not rel.endswith(RETRY_SUFFIX)]
+    yield (f"removed {len(files)} files: the next `lregions edit` with the same manifest and "
            "settings redoes the damaged items" if removed else "nothing to remove")
 

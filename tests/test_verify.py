@@ -291,3 +291,27 @@ def test_pruned_candidates_do_not_make_items_redone(out, manifest, capsys):
     assert len(list((out / "cache" / "regions").rglob("cand_*.png"))) == COUNT
     assert run_batch(out, manifest, config)["reused"].all()
     assert verify(out, capsys)[0] == 0
+
+
+def test_repair_makes_a_resumed_run_redo_the_damaged_rows(out, manifest, capsys):
+    """A run killed before its merge leaves parts that a resumed run takes for done; after
+    --repair, the parts holding damaged items are not done any more (their other rows are
+    reused when they run again)."""
+    rows, store = read_manifest(str(manifest)), Store(str(out))
+    fingerprint = index.fingerprint(rows, CONFIG)
+    run_id, _ = index.begin_run(store, "", fingerprint)
+    states = run_all([new_state(row) for row in rows], CONFIG, store)  # every item reused
+    index.write_part(store, "", run_id, "000000", states, CONFIG)  # killed before the merge
+    assert index.begin_run(store, "", fingerprint) == (run_id, {"000000"})
+    damage(out)
+    status, text = verify(out, capsys, "--repair")
+    assert status == 1 and f"marked index-parts/run={run_id}/000000.retry.json" in text
+    assert index.begin_run(store, "", fingerprint) == (run_id, set())  # the chunk runs again
+
+    states = run_all([new_state(row) for row in rows], CONFIG, store)
+    index.write_part(store, "", run_id, "000000", states, CONFIG)
+    index.merge(store, "", run_id)
+    table = index.read_index(store).set_index("id")
+    assert (table["status"] == "ok").all() and not table.loc[DAMAGED, "reused"].any()
+    assert table.drop(DAMAGED)["reused"].all()
+    assert verify(out, capsys)[0] == 0
