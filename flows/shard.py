@@ -47,7 +47,7 @@ def edit_shard(
     started = time.perf_counter()
     config = run_config(preset, mode, sets)
     prefix = shard_prefix(shard)
-    done = {p for p in index.part_names(Store(out), "", run_id) if p.startswith(prefix)}
+    done = {p for p in index.done_parts(Store(out), "", run_id) if p.startswith(prefix)}
     counts = run_chunks([ManifestRow.from_record(r) for r in rows], config, out, run_id=run_id,
                         part_prefix=prefix, chunk_size=chunk_size, evaluate=evaluate,
                         done_parts=done)

@@ -104,7 +104,7 @@ def begin_run(store: Store, folder: str, fingerprint: str) -> tuple[str, set[str
         except (OSError, ValueError):
             continue
         if record.get("fingerprint") == fingerprint:
-            return run_id, part_names(store, folder, run_id) - retry_parts(store, folder, run_id)
+            return run_id, done_parts(store, folder, run_id)
     run_id = new_run_id()
     store.write_json(_join(folder, PARTS, f"run={run_id}", RUN_RECORD),
                      {"fingerprint": fingerprint, "started": time.time()})
@@ -115,6 +115,12 @@ def part_names(store: Store, folder: str, run_id: str) -> set[str]:
     """Names (without ``.parquet``) of the parts ``run_id`` has written so far."""
     return {posixpath.basename(rel).removesuffix(".parquet")
             for rel in _parts(store, folder, run_id)}
+
+
+def done_parts(store: Store, folder: str, run_id: str) -> set[str]:
+    """Names of the parts of ``run_id`` whose rows are done: written, and not marked to be run
+    again (a transiently failed row, or a row ``lregions verify --repair`` repaired)."""
+    return part_names(store, folder, run_id) - retry_parts(store, folder, run_id)
 
 
 def retry_parts(store: Store, folder: str, run_id: str) -> set[str]:

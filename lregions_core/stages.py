@@ -468,15 +468,35 @@ def prune_candidates(store: Store, result: dict, busy: set[str] | frozenset[str]
         store.remove([rel for rel in present if rel not in kept])
 
 
+class OutsideOutputError(ValueError):
+    """A result.json refers to a file outside the output folder it was read from (it was read
+    from a folder inside another output folder, such as an ablation cell)."""
+
+
+# Where an item's result.json may refer (besides its own folder): the shared caches.
+ITEM_REF_FOLDERS = ("cache/images/", "cache/regions/", "cache/masks/")
+
+
 def item_files(result: dict, item_id: str, items: str = "items") -> list[str]:
     """Every file the item's ``result.json`` (``result``) names, relative to the output folder:
     its final image, overlay and edit layer, the input and the kept candidates' images and
     masks it refers to. Candidates that ``keep_candidates`` pruned are not named. Raises
-    KeyError, TypeError or AttributeError for a ``result`` that is not an item's result."""
+    KeyError, TypeError or AttributeError for a ``result`` that is not an item's result,
+    ValueError for one that names a file outside the item's folder and the caches, and
+    :class:`OutsideOutputError` for one that names a file outside the output folder."""
     refs = [result["input"], result.get("mask"), result.get("layer")]
     refs += [cand.get(key) for cand in result["candidates"] for key in ("image", "mask")]
-    files = [f"{items}/{item_id}/final.png", f"{items}/{item_id}/overlay.png"]
-    files += [resolve_ref(items, item_id, ref) for ref in refs if ref]
+    own = f"{items}/{item_id}/"
+    files = [f"{own}final.png", f"{own}overlay.png"]
+    for ref in refs:
+        if not ref:
+            continue
+        rel = resolve_ref(items, item_id, str(ref))
+        if rel == ".." or rel.startswith("../"):
+            raise OutsideOutputError(f"names {ref!r}, outside the output folder")
+        if not rel.endswith(".png") or not rel.startswith((own, *ITEM_REF_FOLDERS)):
+            raise ValueError(f"names {ref!r}: not an image of the item's folder or the caches")
+        files.append(rel)
     return list(dict.fromkeys(files))
 
 

@@ -172,6 +172,13 @@ def _check_item(checker: _Checker, item_id: str, row: dict | None, present: bool
         summaries = [f"{result['regions_path']}/candidates.json"]
         if result.get("masks_path"):
             summaries.append(f"{result['masks_path']}/masks.json")
+        for path in summaries:
+            if not path.startswith(("cache/regions/", "cache/masks/")) or ".." in path:
+                raise ValueError(f"names the stage folder {path!r}, not one of the caches")
+    except stages.OutsideOutputError as exc:
+        # Not damage to repair: this folder is inside another output folder (an ablation cell)
+        checker.damage(rel, f"{exc}: verify the output folder that holds it", None)
+        return
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         checker.damage(rel, f"not an item's result: {_reason(exc)}", item_id, unreadable=True)
         return
@@ -214,11 +221,20 @@ def repair(store: Store, found: Verification, items: str = "items") -> list[str]
     the run that resumes it redoes them too. Returns what was removed and marked."""
     doomed = [f"{items}/{item}/result.json" for item in found.damaged_items]
     doomed += [d.path for d in found.damage if d.unreadable and d.path != INDEX]
-    doomed = [rel for rel in dict.fromkeys(doomed) if store.exists(rel)]
+    doomed = [rel for rel in dict.fromkeys(doomed) if _is_file(store, rel)]
     store.remove(doomed)
     # A run left unfinished is resumed by the next run, which skips the rows in its parts:
     # mark the parts holding damaged items, so that resumed run redoes them too.
     return doomed + redo_rows(store, "", found.damaged_items, "repaired")
+
+
+def _is_file(store: Store, rel: str) -> bool:
+    """Whether ``rel`` is a file inside the output folder (never a folder: repair removes files
+    only)."""
+    try:
+        return store.fs.isfile(store.path(rel))
+    except (ValueError, OSError):
+        return False
 
 
 def lines(found: Verification, items: str = "items") -> Iterator[str]:

@@ -178,6 +178,27 @@ def test_verify_names_index_rows_and_results_that_do_not_match(out, capsys):
     assert "removed items/item006/result.json" in text
 
 
+def test_repair_never_follows_a_result_json_out_of_the_item_and_the_caches(out, capsys):
+    """result.json is data from disk: a reference to a folder, to the index parts or outside the
+    output folder is reported, and repair removes nothing but that result.json."""
+    outside = out.parent / "outside.png"
+    Image.new("RGB", (4, 4)).save(outside)
+    for item, ref in (("item001", "../../../outside.png"), ("item002", ".."),
+                      ("item003", "../../index.parquet")):
+        result = result_of(out, item)
+        result["input"] = ref
+        (out / "items" / item / "result.json").write_text(json.dumps(result))
+    before = files(out)
+    status, text = verify(out, capsys, "--repair")
+    said = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    assert status == 1, text
+    assert "outside the output folder" in said["items/item001/result.json"]
+    assert said["items/item002/result.json"].startswith("not an item's result")
+    assert said["items/item003/result.json"].startswith("not an item's result")
+    assert before - files(out) == {"items/item002/result.json", "items/item003/result.json"}
+    assert outside.is_file() and (out / "items").is_dir() and (out / "index.parquet").is_file()
+
+
 def test_verify_without_an_index_is_a_usage_error(tmp_path, capsys):
     (tmp_path / "items").mkdir()
     status = library_cli(["verify", str(tmp_path)])
