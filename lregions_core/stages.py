@@ -446,26 +446,59 @@ def outputs(
         "seed": row_seed(row, config),
         "library_version": library_version(),
     }
+    record_kept(store, result)  # before result.json: an item whose result is there has its record
     store.write_json(f"{item}/result.json", result)
     return {"final_path": f"items/{row.id}/final.png", "box": box, "result": result}
+
+
+KEEP_PREFIX = "keep-"  # in a regions or masks folder: which of its images an item keeps
+
+
+def record_kept(store: Store, result: dict) -> set[str]:
+    """Write, in each of the item's regions and masks folders, which of the folder's candidate
+    images the item keeps (``keep-<item key>.json``; ``keep_candidates`` chosen or none), so
+    that no other item's pruning deletes them (see :func:`prune_candidates`). Returns the kept
+    images' paths."""
+    cands = result["candidates"]
+    keep = result.get("keep_candidates", "all")
+    kept = {cands[i]["path"] for i in kept_candidates(keep, len(cands), result["chosen"])}
+    if keep != "all":
+        for folder in (result.get("regions_path"), result.get("masks_path")):
+            if folder:
+                mine = sorted(rel for rel in kept if posixpath.dirname(rel) == folder)
+                store.write_json(f"{folder}/{KEEP_PREFIX}{result['item_key']}.json", mine)
+    return kept
 
 
 def prune_candidates(store: Store, result: dict, busy: set[str] | frozenset[str] = frozenset()
                      ) -> None:
     """Delete the candidate images an item does not keep (see ``keep_candidates``) from its
-    regions and masks folders, except folders in ``busy``. Call it only once no row in flight
-    may still read them: a later row that needs them recomputes them."""
+    regions and masks folders, except folders in ``busy`` and images another item keeps. Call
+    it only once no row in flight may still read them: a later row that needs them recomputes
+    them.
+
+    Items of different settings may share a folder (ablation cells that differ only in the
+    selection choose different candidates of one regions result): each item records what it
+    keeps there when it is written (:func:`record_kept`), and only images that no item's record
+    names are deleted, so no item's kept candidate goes and no item is redone for it."""
     keep = result.get("keep_candidates", "all")
     if keep == "all":
         return
-    cands = result["candidates"]
-    kept = {cands[i]["path"] for i in kept_candidates(keep, len(cands), result["chosen"])}
+    kept = record_kept(store, result)
     for folder in (result.get("regions_path"), result.get("masks_path")):
         if not folder or folder in busy:
             continue
-        present = [f"{folder}/{name}" for name in store.listdir(folder)
+        names = store.listdir(folder)
+        wanted = set(kept)
+        for name in names:
+            if name.startswith(KEEP_PREFIX) and name.endswith(".json"):
+                try:
+                    wanted.update(store.read_json(f"{folder}/{name}"))
+                except (OSError, ValueError):
+                    pass  # unreadable: that item's candidates may go (it recomputes them)
+        present = [f"{folder}/{name}" for name in names
                    if name.startswith("cand_") and name.endswith(".png")]
-        store.remove([rel for rel in present if rel not in kept])
+        store.remove([rel for rel in present if rel not in wanted])
 
 
 class OutsideOutputError(ValueError):

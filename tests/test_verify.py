@@ -336,3 +336,29 @@ def test_repair_makes_a_resumed_run_redo_the_damaged_rows(out, manifest, capsys)
     assert (table["status"] == "ok").all() and not table.loc[DAMAGED, "reused"].any()
     assert table.drop(DAMAGED)["reused"].all()
     assert verify(out, capsys)[0] == 0
+
+
+def test_items_that_share_a_regions_result_keep_each_their_candidate(out, manifest):
+    """Ablation cells that differ only in the selection share the regions cache and keep
+    different candidates of it (keep_candidates=chosen): pruning after one never deletes what
+    the other keeps, so a rerun of either reuses every item instead of redoing it."""
+    rows, store = read_manifest(str(manifest)), Store(str(out))
+    cells = {"text": CONFIG.replace(keep_candidates="chosen", select_text_weight=1.0,
+                                    select_image_weight=0.0, select_top_k=9),
+             "image": CONFIG.replace(keep_candidates="chosen", select_text_weight=0.0,
+                                     select_image_weight=1.0, select_top_k=9)}
+
+    def run(cell: str) -> list[dict]:
+        states = run_all([new_state(row) for row in rows], cells[cell], store,
+                         f"cells/{cell}/items", evaluate=False)
+        assert all(s["status"] == "ok" for s in states), [s["error"] for s in states]
+        return states
+
+    first = {cell: run(cell) for cell in cells}
+    chosen = {cell: [s["result"]["chosen"] for s in states] for cell, states in first.items()}
+    assert chosen["text"] != chosen["image"]  # the cells keep different candidates
+    for states in first.values():
+        for state in states:
+            prune_candidates(store, state["result"])
+    for cell in cells:
+        assert all(s["reused"] for s in run(cell)), cell
