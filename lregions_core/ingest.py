@@ -170,11 +170,12 @@ class _Writer:
             raise _Reject(f"image bytes are not a readable image ({type(exc).__name__})") from None
         return self.put("images", data, _FORMAT_EXT.get(fmt or "", "img"))
 
-    def mask(self, edit: np.ndarray) -> tuple[str, str | None]:
-        """Stores the (H, W) bool edit region as a 0/255 PNG; returns its path and bounding box
-        (``x0,y0,x1,y1``, None when the region is empty)."""
+    def mask(self, edit: np.ndarray, stored: np.ndarray | None = None) -> tuple[str, str | None]:
+        """Stores the (H, W) bool edit region (``stored`` when given) as a 0/255 PNG; returns
+        its path and the bounding box of ``edit`` (``x0,y0,x1,y1``, None when it is empty)."""
         buffer = io.BytesIO()
-        Image.fromarray(np.where(edit, 255, 0).astype(np.uint8), mode="L").save(buffer, "PNG")
+        pixels = np.where(edit if stored is None else stored, 255, 0).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(buffer, "PNG")
         return self.put("masks", buffer.getvalue(), "png"), _bbox(edit)
 
 
@@ -208,6 +209,14 @@ def decode_rle(mask: Any, shape: tuple[int, int] = PIE_MASK_SHAPE) -> np.ndarray
                              "image")
         out[start : start + length] = True
     return out.reshape(shape)
+
+
+def with_pie_border(edit: np.ndarray) -> np.ndarray:
+    """``edit`` with its first and last rows and columns marked as edited, as PIE-Bench's
+    ``mask_decode`` does before its metrics."""
+    out = edit.copy()
+    out[0, :] = out[-1, :] = out[:, 0] = out[:, -1] = True
+    return out
 
 
 def mask_from_image(data: bytes) -> np.ndarray:
@@ -318,11 +327,15 @@ def _pie_bench(source: str, writer: _Writer, opts: dict) -> Iterator:
             edit = decode_rle(entry.get("mask"))
         except ValueError as exc:
             raise _Reject(f"undecodable mask: {exc}") from None
-        mask, box = writer.mask(edit)
+        # PIE-Bench's own decoder marks the image's 1-pixel border as edited too ("to avoid
+        # annotation errors in boundary"), and its metrics use that mask: so does target_mask.
+        # The target_box is the annotated region's.
+        mask, box = writer.mask(edit, with_pie_border(edit))
         return _Candidate(record, key, _unbracket(entry.get("editing_prompt")), image,
                           _unbracket(entry.get("original_prompt")) or None, mask, box)
 
-    yield from _records(((f"mapping_file.json[{k!r}]", str(k), v) for k, v in mapping.items()),
+    yield from _records(((f"mapping_file.json[{k!r}]", safe_id(k), v)
+                         for k, v in mapping.items()),
                         make)
 
 

@@ -404,6 +404,9 @@ class Evaluator:
         """The :data:`PIE_METRICS` (see the module docstring and :func:`pie_background`)."""
         if edit is None:
             raise _Missing("no target_mask in the manifest (PIE-Bench metrics need one)")
+        if edit.all() or not edit.any():  # PIE-Bench's own code gives NaN here, not a score
+            raise _Missing(f"the target_mask marks {'every' if edit.all() else 'no'} pixel as "
+                           "the edit region: no unedited part or no edited part to measure")
         a, b = np.asarray(source), np.asarray(final)
         out: dict[str, float | None] = dict(pie_background(a, b, edit))
         try:

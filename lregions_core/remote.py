@@ -5,15 +5,21 @@ The retry policy is urllib3's :class:`~urllib3.util.Retry`: timeouts, refused or
 connections, bodies cut off before their ``Content-Length`` and the answers 408, 429 and 5xx are
 tried again, the first retry at once and then after ``backoff * 2**(n - 1)`` seconds plus up to
 ``backoff`` seconds of random jitter (at most ``backoff_max``), or after the server's
-``Retry-After`` (at most ``retry_after_max``). Each kind of fault (connect, read, status) has
-``retries`` retries. Other answers (404, 410, other 4xx) are not retried. What :func:`fetch`
-cannot read raises :class:`FetchError`, which names the URL, the last status or error and the
-number of requests made, and says whether the failure is *transient* (the network or the server
-had a bad moment: a later run tries again; also an unresolvable host name) or permanent (an
-answer such as 404, a TLS certificate error, too many redirects, a malformed URL).
+``Retry-After`` (at most ``retry_after_max``; a ``Retry-After`` that is neither whole seconds nor
+an HTTP date is ignored: the backoff applies). Each kind of fault (connect, read, status) has
+``retries`` retries. Other answers (404, 410, other 4xx) are not retried. The body is read in
+chunks of at most :data:`CHUNK` bytes: a body longer than ``max_bytes`` fails at once, and a
+fetch whose requests, waits and body have taken ``total_timeout`` seconds gives up (a request
+or a read under way then ends within its own timeout). What :func:`fetch` cannot read raises
+:class:`FetchError`, which names the URL, the last status or error and the number of requests
+made, and says whether the failure is *transient* (the network or the server had a bad moment:
+a later run tries again; also an unresolvable host name, a TLS handshake cut short and a fetch
+out of time) or permanent (an answer such as 404, a TLS certificate that fails verification,
+too many redirects, a malformed URL, a body over ``max_bytes``).
 
 Settings (:class:`HttpSettings`) come from ``LREGIONS_HTTP_*`` environment variables, read at
-each call. They change how reads are done, never what is read, so no cache key includes them.
+each call; :func:`check_settings` checks them once, at the start of a run. They change how reads
+are done, never what is read, so no cache key includes them.
 
 Thread safety: :func:`fetch` is called from many task threads at once. The process shares one
 urllib3 ``PoolManager`` per per-host limit (urllib3's pools are thread-safe; connections are
@@ -29,15 +35,17 @@ from __future__ import annotations
 
 import math
 import os
+import ssl
 import threading
+import time
 from dataclasses import dataclass
 from http import HTTPStatus
-from urllib.parse import urlsplit
 
 import urllib3
 from urllib3.exceptions import (
     ConnectTimeoutError,
     HTTPError,
+    InvalidHeader,
     MaxRetryError,
     NameResolutionError,
     NewConnectionError,
@@ -46,13 +54,19 @@ from urllib3.exceptions import (
     ResponseError,
     SSLError,
 )
-from urllib3.util import Retry, Timeout
+from urllib3.util import Retry, Timeout, parse_url
+from urllib3.util.ssl_match_hostname import CertificateError
 
-__all__ = ["FetchError", "HttpSettings", "error_kind", "fetch", "is_http"]
+__all__ = ["FetchError", "HttpSettings", "SettingsError", "check_settings", "error_kind", "fetch",
+           "is_http"]
 
 RETRY_STATUSES = frozenset({408, 429, *range(500, 600)})
 """Answers that say "not now" rather than "no": tried again, and transient when they persist."""
 MAX_REDIRECTS = 10
+CHUNK = 64 * 1024
+"""The most bytes of a body read at once: the total time limit and the size limit are checked
+between chunks."""
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 ENV = {  # HttpSettings field -> the environment variable that overrides its default
     "connect_timeout": "LREGIONS_HTTP_CONNECT_TIMEOUT",
@@ -62,14 +76,25 @@ ENV = {  # HttpSettings field -> the environment variable that overrides its def
     "backoff_max": "LREGIONS_HTTP_BACKOFF_MAX",
     "retry_after_max": "LREGIONS_HTTP_RETRY_AFTER_MAX",
     "per_host": "LREGIONS_HTTP_PER_HOST",
+    "total_timeout": "LREGIONS_HTTP_TOTAL_TIMEOUT",
+    "max_bytes": "LREGIONS_HTTP_MAX_BYTES",
 }
+POSITIVE = frozenset({"connect_timeout", "read_timeout", "per_host", "total_timeout",
+                      "max_bytes"})
+"""The settings that must be above 0 (the others must be at least 0)."""
+
+
+class SettingsError(ValueError):
+    """An ``LREGIONS_HTTP_*`` variable whose value is not a valid setting; the message names the
+    variable, what it must be and its value."""
 
 
 @dataclass(frozen=True)
 class HttpSettings:
     """How :func:`fetch` reads: timeouts in seconds (``read_timeout`` is the longest wait for
-    the next bytes, not for the whole body), retries per kind of fault, backoff in seconds and
-    the number of fetches of one host in flight per process."""
+    the next bytes, not for the whole body; ``total_timeout`` the longest a fetch may take,
+    retries and waits included), retries per kind of fault, backoff in seconds, the number of
+    fetches of one host in flight per process and the largest body accepted, in bytes."""
 
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
@@ -78,33 +103,43 @@ class HttpSettings:
     backoff_max: float = 30.0
     retry_after_max: int = 60
     per_host: int = 8
+    total_timeout: float = 300.0
+    max_bytes: int = 256 * 2**20
 
     @classmethod
     def from_env(cls) -> HttpSettings:
         """The defaults overridden by whichever ``LREGIONS_HTTP_*`` variables are set; a value
-        that is not a number in range (timeouts and ``per_host`` above 0, the others at least 0)
-        raises ValueError naming the variable."""
+        that is not a number in range (timeouts, ``per_host`` and ``max_bytes`` above 0, the
+        others at least 0) raises :class:`SettingsError` naming the variable and its value."""
         values = {}
         for field, var in ENV.items():
             raw = os.environ.get(var, "").strip()
             if not raw:
                 continue
             kind = type(getattr(cls, field))
-            positive = field in ("connect_timeout", "read_timeout", "per_host")
+            positive = field in POSITIVE
             try:
                 value = kind(raw)
             except ValueError:
                 value = None
             if value is None or not math.isfinite(value) or value < 0 or (positive and not value):
-                raise ValueError(f"{var} must be {'an integer' if kind is int else 'a number'} "
-                                 f"{'> 0' if positive else '>= 0'}, got {raw!r}")
+                raise SettingsError(f"{var} must be {'an integer' if kind is int else 'a number'} "
+                                    f"{'> 0' if positive else '>= 0'}, got {raw!r}")
             values[field] = value
         return cls(**values)
 
 
+def check_settings() -> HttpSettings:
+    """The settings the ``LREGIONS_HTTP_*`` variables give (:meth:`HttpSettings.from_env`),
+    for a run to check once before it reads anything: every :func:`fetch` reads them again and
+    raises the same :class:`SettingsError` when one is invalid."""
+    return HttpSettings.from_env()
+
+
 class FetchError(OSError):
     """A URL that :func:`fetch` could not read: ``problem`` (the last status or error),
-    ``status`` (the last HTTP status, or None), ``tries`` (requests made) and ``transient``."""
+    ``status`` (the last HTTP status, or None), ``tries`` (requests made: 0 for a malformed URL)
+    and ``transient``."""
 
     def __init__(self, url: str, problem: str, status: int | None, tries: int,
                  transient: bool) -> None:
@@ -115,7 +150,7 @@ class FetchError(OSError):
     @property
     def detail(self) -> str:
         """The problem, the number of tries and, when transient, that a later run tries again."""
-        tries = "1 try" if self.tries == 1 else f"{self.tries} tries"
+        tries = {0: "no request made", 1: "1 try"}.get(self.tries, f"{self.tries} tries")
         note = "; transient: the next run tries again" if self.transient else ""
         return f"{self.problem} ({tries}{note})"
 
@@ -134,16 +169,77 @@ def error_kind(exc: BaseException) -> str:
     return "transient" if getattr(exc, "transient", False) is True else "data"
 
 
-class _Retry(Retry):
-    """urllib3's Retry that records, on the MaxRetryError it raises when the retries are used
-    up, how many requests were made (``tries``): the history it keeps is otherwise lost."""
+class _Progress:
+    """What one fetch has done, shared by the :class:`_Retry` objects of that fetch (each retry
+    makes a new one): ``tries`` (requests made or under way) and ``deadline`` (the monotonic
+    time by which the fetch ends)."""
 
-    def increment(self, *args, **kwargs):
+    __slots__ = ("deadline", "tries")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline, self.tries = deadline, 0
+
+
+class _OutOfTime(Exception):
+    """The wait before the next try would end after the fetch's deadline; ``last`` is the
+    history entry (error or status) of the last request."""
+
+    def __init__(self, last) -> None:
+        super().__init__("no time left for another try")
+        self.last = last
+
+
+class _Retry(Retry):
+    """urllib3's Retry that counts the requests of one fetch in ``progress`` (its history is
+    otherwise lost with the exception that ends the retries), gives up at once on a TLS
+    certificate that fails verification, ignores a ``Retry-After`` it cannot parse (the backoff
+    applies) and raises :class:`_OutOfTime` rather than wait past the fetch's deadline."""
+
+    progress: _Progress | None = None
+
+    def new(self, **kw):
+        retry = super().new(**kw)
+        retry.progress = self.progress
+        return retry
+
+    def _count(self, tries: int) -> None:
+        if self.progress is not None:
+            self.progress.tries = tries
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None,
+                  _stacktrace=None):
         try:
-            return super().increment(*args, **kwargs)
-        except MaxRetryError as exc:
-            exc.tries = len(self.history) + 1  # the earlier requests and this one
+            if error is not None and _certificate_failure(error):  # trying again cannot help
+                raise MaxRetryError(_pool, url, error)  # type: ignore[arg-type]
+            retry = super().increment(method, url, response, error, _pool, _stacktrace)
+        except BaseException:
+            self._count(len(self.history) + 1)  # the earlier requests and this one
             raise
+        retry._count(len(retry.history) + 1)  # the requests made and the next one
+        return retry
+
+    def parse_retry_after(self, retry_after: str) -> float | None:  # type: ignore[override]
+        """Seconds to wait from a ``Retry-After`` value, or None (use the backoff) when it is
+        neither whole seconds nor an HTTP date."""
+        try:
+            return super().parse_retry_after(retry_after)
+        except (InvalidHeader, ValueError, OverflowError):
+            return None
+
+    def sleep(self, response=None) -> None:
+        """Wait before the next try: the answer's ``Retry-After`` if any, else the backoff."""
+        try:
+            wait = None
+            if response is not None and self.respect_retry_after_header:
+                wait = self.get_retry_after(response)
+            wait = wait or self.get_backoff_time()
+            if self.progress is not None and time.monotonic() + wait > self.progress.deadline:
+                raise _OutOfTime(self.history[-1] if self.history else None)
+        except BaseException:
+            self._count(len(self.history))  # the next request is not made
+            raise
+        if wait > 0:
+            time.sleep(wait)
 
 
 _lock = threading.Lock()
@@ -168,9 +264,18 @@ def _manager(per_host: int) -> urllib3.PoolManager:
         return _managers[per_host]
 
 
-def _slot(url: str, per_host: int) -> threading.BoundedSemaphore:
-    parts = urlsplit(url)
-    host = f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{parts.port or ''}"
+def _host_key(url: str) -> str:
+    """``scheme://host:port`` of an http(s) URL, with the scheme's default port when it has none
+    (``http://h`` and ``http://h:80`` are one host); ValueError for a malformed URL."""
+    parts = parse_url(url)  # the parser urllib3 requests with: LocationParseError (ValueError)
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ValueError(f"not an http or https URL (scheme {parts.scheme!r})")
+    if not parts.host:
+        raise ValueError("no host")
+    return f"{parts.scheme}://{parts.host.lower()}:{parts.port or DEFAULT_PORTS[parts.scheme]}"
+
+
+def _slot(host: str, per_host: int) -> threading.BoundedSemaphore:
     with _lock:
         return _slots.setdefault((host, per_host), threading.BoundedSemaphore(per_host))
 
@@ -180,6 +285,24 @@ def _status_text(status: int) -> str:
         return f"HTTP {status} {HTTPStatus(status).phrase}"
     except ValueError:
         return f"HTTP {status}"
+
+
+def _certificate_failure(error: BaseException) -> bool:
+    """Whether ``error`` comes from a TLS certificate that failed verification (unknown issuer,
+    expired, another host's name), looking through the errors it wraps; a handshake cut short
+    (reset, unexpected EOF) is not one."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        exc = todo.pop()
+        if id(exc) in seen:
+            continue
+        seen.add(id(exc))
+        if isinstance(exc, (ssl.SSLCertVerificationError, CertificateError)):
+            return True
+        todo.extend(a for a in exc.args if isinstance(a, BaseException))
+        todo.extend(e for e in (exc.__cause__, exc.__context__) if e is not None)
+    return False
 
 
 def _error_text(error: BaseException | None, settings: HttpSettings) -> tuple[str, bool]:
@@ -201,34 +324,101 @@ def _error_text(error: BaseException | None, settings: HttpSettings) -> tuple[st
                     "(Content-Length)"), True
         return f"connection broken ({error.args[0] if error.args else error})", True
     if isinstance(error, SSLError):
-        return f"TLS error: {error}", False
+        return f"TLS error: {error}", not _certificate_failure(error)
     if isinstance(error, ResponseError):  # too many redirects
         return str(error), False
     return f"{type(error).__name__}: {error}", True
 
 
+def _last_problem(last, settings: HttpSettings) -> str:
+    """What went wrong in a request, from its Retry history entry."""
+    if last is not None and last.status is not None:
+        return _status_text(last.status)
+    if last is not None and last.error is not None:
+        return _error_text(last.error, settings)[0]
+    return "no answer"
+
+
+def _read_body(url: str, response, settings: HttpSettings, progress: _Progress) -> bytes:
+    """The body of a 2xx ``response``, read chunk by chunk within the fetch's deadline and the
+    size limit (FetchError otherwise); a body cut off or stalled raises urllib3's error."""
+    limit = settings.max_bytes
+    announced = response.length_remaining  # Content-Length, None when not given
+    if announced is not None and announced > limit:
+        raise FetchError(url, f"body of {announced} bytes (Content-Length) is larger than "
+                         f"{limit} bytes (LREGIONS_HTTP_MAX_BYTES)", response.status,
+                         progress.tries, False)
+    body = bytearray()
+    while True:
+        if time.monotonic() > progress.deadline and not response.isclosed():
+            raise FetchError(url, f"body not read within {settings.total_timeout:g} s "
+                             f"(LREGIONS_HTTP_TOTAL_TIMEOUT; {len(body)} bytes read)",
+                             response.status, progress.tries, True)
+        chunk = response.read1(CHUNK)  # at most one read from the socket (read_timeout)
+        if not chunk:
+            return bytes(body)
+        body += chunk
+        if len(body) > limit:
+            raise FetchError(url, f"body larger than {limit} bytes (LREGIONS_HTTP_MAX_BYTES)",
+                             response.status, progress.tries, False)
+
+
+def _get(url: str, retry: _Retry, settings: HttpSettings, progress: _Progress) -> bytes:
+    """The body of ``url``: urllib3 retries failed connections and answers, this loop a body
+    cut off or stalled, with the same Retry (counts, backoff, deadline)."""
+    s = settings
+    timeout = Timeout(connect=min(s.connect_timeout, s.total_timeout),
+                      read=min(s.read_timeout, s.total_timeout))
+    while True:
+        response = _manager(s.per_host).request(
+            "GET", url, retries=retry, timeout=timeout, preload_content=False)
+        retry = response.retries or retry
+        try:
+            if not 200 <= response.status < 300:
+                raise FetchError(url, _status_text(response.status), response.status,
+                                 progress.tries, response.status in RETRY_STATUSES)
+            return _read_body(url, response, s, progress)
+        except (ProtocolError, ReadTimeoutError, SSLError) as exc:
+            error = exc
+        finally:
+            if not response.isclosed():  # not read to its end: the connection is not reusable
+                response.close()
+            response.release_conn()
+        retry = retry.increment("GET", url, error=error, _stacktrace=error.__traceback__)
+        retry.sleep()
+
+
 def fetch(url: str, settings: HttpSettings | None = None) -> bytes:
-    """The body of ``url`` (http or https), read with the timeouts, retries and per-host limit
-    of ``settings`` (default: :meth:`HttpSettings.from_env`). Raises :class:`FetchError`."""
+    """The body of ``url`` (http or https), read with the timeouts, retries, limits and per-host
+    limit of ``settings`` (default: :meth:`HttpSettings.from_env`, which raises
+    :class:`SettingsError`). Raises :class:`FetchError`."""
     s = settings or HttpSettings.from_env()
+    try:
+        host = _host_key(url)
+    except ValueError as exc:
+        raise FetchError(url, f"malformed URL ({exc})", None, 0, False) from None
     retry = _Retry(
         total=None, connect=s.retries, read=s.retries, status=s.retries, other=s.retries,
         redirect=MAX_REDIRECTS, status_forcelist=RETRY_STATUSES, backoff_factor=s.backoff,
         backoff_jitter=s.backoff, backoff_max=s.backoff_max, retry_after_max=s.retry_after_max,
         raise_on_status=False,
     )
-    timeout = Timeout(connect=s.connect_timeout, read=s.read_timeout)
-    with _slot(url, s.per_host):
+    with _slot(host, s.per_host):
+        progress = retry.progress = _Progress(time.monotonic() + s.total_timeout)
+        progress.tries = 1
         try:
-            response = _manager(s.per_host).request(
-                "GET", url, retries=retry, timeout=timeout, preload_content=True)
+            return _get(url, retry, s, progress)
+        except FetchError:
+            raise
         except MaxRetryError as exc:
             problem, transient = _error_text(exc.reason, s)
-            raise FetchError(url, problem, None, getattr(exc, "tries", 1), transient) from None
-        except (HTTPError, OSError, ValueError) as exc:  # not retried: a malformed URL and such
-            raise FetchError(url, f"{type(exc).__name__}: {exc}", None, 1, False) from None
-    if 200 <= response.status < 300:
-        return response.data
-    tries = len(response.retries.history) + 1 if response.retries else 1
-    raise FetchError(url, _status_text(response.status), response.status, tries,
-                     response.status in RETRY_STATUSES)
+            raise FetchError(url, problem, None, progress.tries, transient) from None
+        except _OutOfTime as exc:
+            problem = (f"{_last_problem(exc.last, s)}; no time left to try again within "
+                       f"{s.total_timeout:g} s (LREGIONS_HTTP_TOTAL_TIMEOUT)")
+            raise FetchError(url, problem, None, progress.tries, True) from None
+        except InvalidHeader as exc:  # a header urllib3 cannot use: the server's bad moment
+            raise FetchError(url, f"InvalidHeader: {exc}", None, progress.tries, True) from None
+        except (HTTPError, OSError, ValueError) as exc:  # not retried: a bad redirect and such
+            raise FetchError(url, f"{type(exc).__name__}: {exc}", None, progress.tries,
+                             False) from None

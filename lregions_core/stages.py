@@ -216,10 +216,11 @@ def _complete(store: Store, folder: str, summary: str, pngs: Callable[[dict], li
         found = store.read_json(f"{folder}/{summary}")
         wanted = [posixpath.basename(png) for png in pngs(found)]
         sizes = found.get("sizes") or {}
+        # (a file another thread or process removes meanwhile reads as incomplete too)
+        return all(name in names and (name not in sizes or _size(store, f"{folder}/{name}")
+                                      == sizes[name]) for name in wanted)
     except UNREADABLE:
         return False
-    return all(name in names and (name not in sizes or _size(store, f"{folder}/{name}")
-                                  == sizes[name]) for name in wanted)
 
 
 def _size(store: Store, rel: str) -> int:

@@ -147,7 +147,10 @@ def test_pie_bench_prompts_mask_and_box(tmp_path):
     assert rows[0].target_box == (5, 100, 330, 301)
     mask = np.asarray(Image.open(rows[0].target_mask))
     assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 255}
-    assert np.array_equal(mask == 255, expected)  # every decoded pixel, exactly
+    # every decoded pixel, exactly, plus the 1-pixel border PIE-Bench's decoder adds
+    bordered = expected.copy()
+    bordered[0, :] = bordered[-1, :] = bordered[:, 0] = bordered[:, -1] = True
+    assert np.array_equal(mask == 255, bordered)
     assert len({r.target_mask for r in rows}) == 1  # one mask, written once
     assert done.written == [Path(rows[0].target_mask).relative_to(out.parent).as_posix()]
     assert [r["id"] for r in done.rejected] == ["bad-mask"]

@@ -7,6 +7,7 @@ others."""
 from __future__ import annotations
 
 import io
+import ssl
 import threading
 import time
 from collections import defaultdict
@@ -39,7 +40,9 @@ class Faults:
     Faults: ``ok``, ``503``, ``429`` (Retry-After: 1), ``404``, ``cut`` (Content-Length of the
     whole body, half of it sent, connection closed), ``stall`` (half the body, then nothing for
     three read timeouts), ``slow`` (the whole body after 0.3 s), ``text`` (a 200 that is not an
-    image)."""
+    image), ``503:VALUE`` or ``429:VALUE`` (that status with ``Retry-After: VALUE``), ``trickle``
+    (one byte of the body every 0.1 s, until the client leaves or the test ends) and
+    ``unsized`` (the body without Content-Length, ended by closing the connection)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -86,10 +89,11 @@ def handler(faults: Faults) -> type[BaseHTTPRequestHandler]:
 
         def answer(self, path: str, fault: str) -> None:
             body = faults.bodies.get(path, b"")
-            if fault in ("503", "404", "429"):
-                self.send_response(int(fault))
-                if fault == "429":
-                    self.send_header("Retry-After", "1")
+            status, _, retry_after = fault.partition(":")
+            if status in ("503", "404", "429"):
+                self.send_response(int(status))
+                if fault == "429" or retry_after:
+                    self.send_header("Retry-After", retry_after or "1")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
@@ -99,8 +103,20 @@ def handler(faults: Faults) -> type[BaseHTTPRequestHandler]:
                 faults.stop.wait(0.3)
             self.send_response(200)
             self.send_header("Content-Type", "text/html" if fault == "text" else "image/png")
-            self.send_header("Content-Length", str(len(body)))
+            if fault != "unsized":
+                self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if fault == "trickle":
+                self.close_connection = True
+                for n in range(len(body)):
+                    if faults.stop.wait(0.1):
+                        return
+                    try:
+                        self.wfile.write(body[n : n + 1])
+                        self.wfile.flush()
+                    except OSError:  # the client gave up
+                        return
+                return
             if fault in ("cut", "stall"):
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
@@ -201,6 +217,112 @@ def test_manifest_url_is_read_with_retries(server):
     assert faults.requests["/m.csv"] == 3
     with pytest.raises(ManifestError, match=r"absent\.csv: cannot read: HTTP 404 Not Found"):
         read_manifest(base + "/absent.csv")
+
+
+def test_a_malformed_retry_after_falls_back_to_the_backoff(server, monkeypatch):
+    base, faults = server
+    faults.serve("/odd.png", png(5), "503:soon", "429:1.5")
+    assert read_source(base + "/odd.png") == png(5)
+    assert faults.requests["/odd.png"] == 3
+    first, _, third = faults.started["/odd.png"]
+    assert third - first < 0.9  # neither value was read as a wait
+
+    monkeypatch.setenv("LREGIONS_HTTP_RETRIES", "2")
+    faults.serve("/odd-down.png", png(5), *["503:1.5"] * 10)
+    with pytest.raises(TransientImageError) as down:
+        read_source(base + "/odd-down.png")
+    assert str(down.value).endswith(
+        "HTTP 503 Service Unavailable (3 tries; transient: the next run tries again)")
+    assert faults.requests["/odd-down.png"] == 3
+    assert remote._Retry().parse_retry_after("7") == 7
+
+
+def test_a_fetch_ends_within_its_total_time(server, monkeypatch):
+    """A body that trickles in (each byte well within the read timeout) and a server that keeps
+    asking to come back later both end as transient failures once LREGIONS_HTTP_TOTAL_TIMEOUT
+    has passed, without another try."""
+    base, faults = server
+    monkeypatch.setenv("LREGIONS_HTTP_TOTAL_TIMEOUT", "1")
+    faults.serve("/trickle.png", png(6), *["trickle"] * 10)
+    start = time.monotonic()
+    with pytest.raises(remote.FetchError) as slow:
+        remote.fetch(base + "/trickle.png")
+    assert time.monotonic() - start < 1 + READ_TIMEOUT + 0.5
+    assert slow.value.transient and slow.value.tries == 1
+    assert "body not read within 1 s (LREGIONS_HTTP_TOTAL_TIMEOUT;" in str(slow.value)
+    assert faults.requests["/trickle.png"] == 1
+
+    monkeypatch.setenv("LREGIONS_HTTP_TOTAL_TIMEOUT", "1.5")
+    faults.serve("/busy.png", png(6), *["429"] * 10)  # Retry-After: 1: a third try is too late
+    with pytest.raises(TransientImageError) as busy:
+        read_source(base + "/busy.png")
+    assert str(busy.value).endswith(
+        "HTTP 429 Too Many Requests; no time left to try again within 1.5 s "
+        "(LREGIONS_HTTP_TOTAL_TIMEOUT) (2 tries; transient: the next run tries again)")
+    assert faults.requests["/busy.png"] == 2
+
+
+def test_a_body_over_the_size_limit_fails_at_once(server, monkeypatch):
+    base, faults = server
+    monkeypatch.setenv("LREGIONS_HTTP_MAX_BYTES", "1000")
+    faults.serve("/big.png", png(7))
+    faults.serve("/big-unsized.png", png(7), "unsized")
+    faults.serve("/small.png", b"x" * 1000, "unsized")
+    with pytest.raises(ImageLoadError) as big:
+        read_source(base + "/big.png")
+    assert not isinstance(big.value, TransientImageError)
+    assert f"body of {len(png(7))} bytes (Content-Length) is larger than 1000 bytes" in str(
+        big.value)
+    with pytest.raises(remote.FetchError) as unsized:
+        remote.fetch(base + "/big-unsized.png")
+    assert str(unsized.value) == (f"cannot fetch {base}/big-unsized.png: body larger than 1000 "
+                                  "bytes (LREGIONS_HTTP_MAX_BYTES) (1 try)")
+    assert remote.error_kind(unsized.value) == "data"
+    assert faults.requests["/big.png"] == faults.requests["/big-unsized.png"] == 1
+    assert remote.fetch(base + "/small.png") == b"x" * 1000
+
+
+def test_tls_errors_are_permanent_only_for_a_certificate_that_fails_verification():
+    from urllib3.exceptions import MaxRetryError, SSLError
+    from urllib3.util.ssl_match_hostname import CertificateError
+
+    settings = remote.HttpSettings()
+    untrusted = SSLError(ssl.SSLCertVerificationError(1, "certificate verify failed"))
+    wrong_host = SSLError(CertificateError("hostname 'a' doesn't match 'b'"))
+    cut_short = SSLError(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"))
+    reset = SSLError(ConnectionResetError(104, "Connection reset by peer"))
+    for error, transient in [(untrusted, False), (wrong_host, False), (cut_short, True),
+                             (reset, True)]:
+        problem, kind = remote._error_text(error, settings)
+        assert problem.startswith("TLS error: ") and kind is transient, error
+    retry = remote._Retry(total=None, other=5)
+    with pytest.raises(MaxRetryError):  # not tried again
+        retry.increment("GET", "https://example.org/x.png", error=untrusted)
+    assert retry.increment("GET", "https://example.org/x.png", error=cut_short).other == 4
+
+
+@pytest.mark.parametrize("url", ["http://h:99999/x.png", "http://h:abc/x", "http://[::1/x",
+                                 "http:///x.png", "ftp://h/x.png"])
+def test_a_malformed_url_fails_at_once_naming_it(url):
+    with pytest.raises(remote.FetchError) as bad:
+        remote.fetch(url)
+    assert not bad.value.transient and bad.value.tries == 0
+    assert str(bad.value).startswith(f"cannot fetch {url}: malformed URL (")
+    assert str(bad.value).endswith("(no request made)")
+
+
+def test_settings_name_a_bad_variable_and_hosts_share_a_default_port(monkeypatch):
+    assert remote.check_settings().total_timeout == 300
+    monkeypatch.setenv("LREGIONS_HTTP_MAX_BYTES", "1.5")
+    with pytest.raises(remote.SettingsError,
+                       match=r"^LREGIONS_HTTP_MAX_BYTES must be an integer > 0, got '1.5'$"):
+        remote.check_settings()
+    monkeypatch.setenv("LREGIONS_HTTP_MAX_BYTES", "2048")
+    monkeypatch.setenv("LREGIONS_HTTP_TOTAL_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="LREGIONS_HTTP_TOTAL_TIMEOUT must be a number > 0"):
+        remote.fetch("http://127.0.0.1:9/x.png")
+    assert remote._host_key("HTTP://Example.ORG/x") == remote._host_key("http://example.org:80/y")
+    assert remote._host_key("https://example.org/x") == "https://example.org:443"
 
 
 @pytest.mark.parametrize("limit", [2, 3])

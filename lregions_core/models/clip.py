@@ -17,8 +17,9 @@ build a small random ViT with the real CLIP tokenizer, without registering a new
 
 Thread safety: safe to call concurrently (the batch's task threads and the evaluator share one
 loaded model). Forward passes keep no state on the model (the structure tokens come from
-open_clip's ``forward_intermediates``, not from hooks); the text-embedding cache is a bounded
-LRU guarded by its own lock (a text two threads miss at once is encoded twice, with the same
+open_clip's ``forward_intermediates``, not from hooks); the tokenizer (a Hugging Face fast
+tokenizer for some models, which refuses concurrent calls) and the text-embedding cache, a
+bounded LRU, are used under the bundle's lock (a text two threads miss at once is encoded twice, with the same
 result); the augmented views seed torch's global generator inside
 :func:`~lregions_core.models.runtime.seeded`, which serialises them, so each candidate's views
 depend on its own seed alone.
@@ -263,7 +264,9 @@ class ClipScorer:
         # Each text alone, outside the lock (the model itself is safe to share): an embedding
         # then never depends on which other texts happened to be missing from the cache.
         for text in missing:
-            embedding = bundle.model.encode_text(bundle.tokenizer([text]).to(self.device))
+            with bundle.lock:  # a Hugging Face (Rust) tokenizer refuses concurrent calls
+                tokens = bundle.tokenizer([text])
+            embedding = bundle.model.encode_text(tokens.to(self.device))
             found[text] = torch.nn.functional.normalize(embedding.float(), dim=-1)[0]
         if missing:
             with bundle.lock:
