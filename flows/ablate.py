@@ -31,10 +31,11 @@ from typing import Any
 from prefect import flow
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.batch_edit import publish_report
+from flows.batch_edit import hold_output, publish_report
 from flows.chunks import run_chunks
 from lregions_core import index
 from lregions_core.config import ConfigError, make_config
+from lregions_core.lease import Lease
 from lregions_core.manifest import read_manifest
 from lregions_core.metrics import METRICS
 from lregions_core.report import AXES, BUNDLE_AXES
@@ -117,13 +118,23 @@ def ablate(
     sets: list[str] | None = None,
     chunk_size: int = 8,
     report: bool = True,
+    wait_lock: float = 0.0,
 ) -> dict:
     """Run every cell of ``grid`` over ``manifest``; write ``OUT/ablation.parquet`` (cell x
-    metric means) and each cell's ``OUT/cells/<cell>/index.parquet``."""
-    import pandas as pd
-
+    metric means) and each cell's ``OUT/cells/<cell>/index.parquet``. The whole grid runs under
+    the output folder's lease: another run holding ``out`` makes this one fail at once, or after
+    waiting ``wait_lock`` seconds."""
     started = time.perf_counter()
     rows = read_manifest(manifest)
+    with hold_output(out, wait_lock) as held:
+        return _run_grid(rows, out, grid, preset, sets, chunk_size, report, held, started)
+
+
+def _run_grid(rows: list, out: str, grid: dict, preset: str | None, sets: list[str] | None,
+              chunk_size: int, report: bool, held: Lease, started: float) -> dict:
+    """The cells of :func:`ablate`, one after the other, under its lease ``held``."""
+    import pandas as pd
+
     store = Store(out)
     table = []
     for cell in cells(grid):
@@ -135,6 +146,7 @@ def ablate(
                                        index.fingerprint(rows, config, chunk_size=chunk_size))
         run_chunks(rows, config, out, run_id=run_id, folder=folder, items=f"{folder}/items",
                    chunk_size=chunk_size, done_parts=done)
+        held.check()
         index.merge(store, folder, run_id)
         frame = index.read_index(store, folder)
         ok = frame[frame["status"] == "ok"]

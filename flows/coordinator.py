@@ -20,12 +20,18 @@ the ``lregions-shard/<pool>`` deployment (:mod:`flows.shard`), keeping at most
 At the end it merges the parts into ``index.parquet`` (rows of a shard that could not be run are
 listed as failed, with the reason), writes the report and publishes the usual artifacts.
 
+The coordinator holds the output folder's lease (:mod:`lregions_core.lease`) from before its
+first write until the report is written; its shard runs write under that lease and never take it
+themselves. When the coordinator stops early for any reason (an error, SIGTERM or SIGINT) it
+cancels the shard runs it has in flight, so nothing writes into the folder once it lets go.
+
 The coordinator must never wait inside a worker slot its shards need: run it from the command
 line (``lregions edit --pool``) or from its own pool (``lregions-coordinator``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import Counter
@@ -42,9 +48,9 @@ from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run as flow_run_context
-from prefect.states import Cancelled
+from prefect.states import Cancelled, Cancelling
 
-from flows.batch_edit import advance, publish_report, summarise
+from flows.batch_edit import advance, hold_output, publish_report, summarise
 from flows.pools import DEFAULT_POOL, BatchError, check_pool_name
 from flows.shard import SHARD_FLOW, SHARD_TAG, shard_prefix
 from lregions_core import index
@@ -226,9 +232,7 @@ class _Batch:
         if online:
             return
         if waited > wait_for_workers:
-            for shard in self.in_flight():
-                self.client.set_flow_run_state(shard.run_id, Cancelled(
-                    message="lregions: no worker came online"), force=True)
+            self.cancel_in_flight("lregions: no worker came online")
             raise BatchError(
                 f"no worker online in pool {self.pool!r} for {waited:.0f} s; start workers "
                 f"(`prefect worker start --pool {self.pool} --limit 1`, one per GPU) and run "
@@ -238,6 +242,40 @@ class _Batch:
             self.log.warning("waiting for a worker of pool %r: %s shard run(s) queued for %.0f s "
                              "(giving up after %.0f s)", self.pool, len(queued), waited,
                              wait_for_workers)
+
+    def follow_all(self, wait_for_workers: float, server_timeout: float,
+                   poll_seconds: float) -> None:
+        """Submit and follow the shards until each is done or lost; a server that cannot be
+        reached is retried for ``server_timeout`` seconds."""
+        unreachable_since = None
+        while any(s.state in ("waiting", "submitted") for s in self.shards):
+            try:
+                parts = index.part_names(self.store, "", self.run_id)
+                self.progress(parts)
+                self.follow(parts)
+                for shard in self.shards:
+                    if shard.state == "waiting" and len(self.in_flight()) < self.max_in_flight:
+                        self.submit(shard)
+                self.check_workers(wait_for_workers)
+                unreachable_since = None
+            except (OSError, httpx.HTTPError) as exc:  # the server restarting, a network blip
+                unreachable_since = unreachable_since or time.monotonic()
+                down = time.monotonic() - unreachable_since
+                self.log.warning("cannot follow the shards (%s: %s); retrying for %.0f s more",
+                                 type(exc).__name__, exc, server_timeout - down)
+                if down > server_timeout:
+                    raise BatchError(
+                        f"lost the Prefect server for {down:.0f} s; run the same command "
+                        "again when it is back: it resumes this batch") from exc
+            time.sleep(poll_seconds)
+
+    def cancel_in_flight(self, why: str) -> None:
+        """Cancel the shard runs in flight: queued ones at once, started ones through their
+        worker (Cancelling: the worker stops the run's process)."""
+        for shard in self.in_flight():
+            state = Cancelled if shard.queued_since is not None else Cancelling
+            self.client.set_flow_run_state(shard.run_id, state(message=why), force=True)
+            shard.state, shard.reason = "lost", f"shard {shard.number} cancelled: {why}"
 
     def fail_lost_rows(self, config: Any, parts: set[str]) -> None:
         """Index parts for the rows of shards that could not be run: failed, with the reason."""
@@ -271,10 +309,12 @@ def coordinate(
     wait_for_workers: float = 600.0,
     server_timeout: float = 300.0,
     poll_seconds: float = 2.0,
+    wait_lock: float = 0.0,
 ) -> dict:
     """Edit every row of ``manifest`` into ``out`` on the workers of ``pool``, in shards of
     ``shard_size`` rows; finished items of earlier runs are reused and an unfinished batch with
-    the same rows and settings is resumed."""
+    the same rows and settings is resumed. Another run holding ``out`` makes this one fail at
+    once, or after waiting ``wait_lock`` seconds."""
     started = time.perf_counter()
     for name, value in (("shard_size", shard_size), ("max_shards_in_flight",
                         max_shards_in_flight), ("max_attempts", max_attempts),
@@ -284,58 +324,46 @@ def coordinate(
     config = run_config(preset, mode, sets)
     rows = read_manifest(manifest)
     store = Store(out)
-    run_id, parts = index.begin_run(store, "", index.fingerprint(
-        rows, config, chunk_size=chunk_size, shard_size=shard_size, evaluate=evaluate))
-    shards = [Shard(n, rows[start:start + shard_size],
-                    math.ceil(len(rows[start:start + shard_size]) / chunk_size))
-              for n, start in enumerate(range(0, len(rows), shard_size))]
-    log = get_run_logger()
-    with get_client(sync_client=True) as client:
-        check_pool(client, pool)
-        # named after the batch run, as its shard runs are: easy to find in the UI
-        client.update_flow_run(flow_run_context.id, name=f"batch-{run_id}")
-        if ensure_zombie_automation(client):
-            print(f"created the automation {ZOMBIE_AUTOMATION!r} on the server")
-        batch = _Batch(client, store, run_id, pool,
-                       {"out": out, "run_id": run_id, "preset": preset, "mode": mode,
-                        "sets": sets or [], "chunk_size": chunk_size, "evaluate": evaluate},
-                       chunk_size, max_shards_in_flight, max_attempts, shards, log)
-        for shard in shards:  # finished by the run this one resumes
-            if set(shard.parts()) <= parts:
-                shard.state = "done"
-        batch.progress(parts)
-        print(f"run {run_id}: {len(rows)} rows in {len(shards)} shards on pool {pool!r} "
-              f"({sum(s.state == 'done' for s in shards)} already done)")
-        unreachable_since = None
-        while any(s.state in ("waiting", "submitted") for s in shards):
+    with hold_output(out, wait_lock) as held:
+        run_id, parts = index.begin_run(store, "", index.fingerprint(
+            rows, config, chunk_size=chunk_size, shard_size=shard_size, evaluate=evaluate))
+        shards = [Shard(n, rows[start:start + shard_size],
+                        math.ceil(len(rows[start:start + shard_size]) / chunk_size))
+                  for n, start in enumerate(range(0, len(rows), shard_size))]
+        log = get_run_logger()
+        with get_client(sync_client=True) as client:
+            check_pool(client, pool)
+            # named after the batch run, as its shard runs are: easy to find in the UI
+            client.update_flow_run(flow_run_context.id, name=f"batch-{run_id}")
+            if ensure_zombie_automation(client):
+                print(f"created the automation {ZOMBIE_AUTOMATION!r} on the server")
+            batch = _Batch(client, store, run_id, pool,
+                           {"out": out, "run_id": run_id, "preset": preset, "mode": mode,
+                            "sets": sets or [], "chunk_size": chunk_size, "evaluate": evaluate},
+                           chunk_size, max_shards_in_flight, max_attempts, shards, log)
+            for shard in shards:  # finished by the run this one resumes
+                if set(shard.parts()) <= parts:
+                    shard.state = "done"
+            batch.progress(parts)
+            print(f"run {run_id}: {len(rows)} rows in {len(shards)} shards on pool {pool!r} "
+                  f"({sum(s.state == 'done' for s in shards)} already done)")
             try:
-                parts = index.part_names(store, "", run_id)
-                batch.progress(parts)
-                batch.follow(parts)
-                for shard in shards:
-                    if shard.state == "waiting" and len(batch.in_flight()) < max_shards_in_flight:
-                        batch.submit(shard)
-                batch.check_workers(wait_for_workers)
-                unreachable_since = None
-            except (OSError, httpx.HTTPError) as exc:  # the server restarting, a network blip
-                unreachable_since = unreachable_since or time.monotonic()
-                down = time.monotonic() - unreachable_since
-                log.warning("cannot follow the shards (%s: %s); retrying for %.0f s more",
-                            type(exc).__name__, exc, server_timeout - down)
-                if down > server_timeout:
-                    raise BatchError(
-                        f"lost the Prefect server for {down:.0f} s; run the same command "
-                        "again when it is back: it resumes this batch") from exc
-            time.sleep(poll_seconds)
-        batch.fail_lost_rows(config, index.part_names(store, "", run_id))
-    index.merge(store, "", run_id)
-    table = store.read_parquet(index.INDEX)
-    ok = int((table["status"] == "ok").sum())
-    counts = Counter(rows=len(table), ok=ok, failed=len(table) - ok,
-                     reused=int(table["reused"].sum()))
-    summary = {**summarise(counts, started), "shards": len(shards),
-               "shard_runs": sum(s.attempts for s in shards), "index": store.url_of(index.INDEX)}
-    if report:
-        summary["report"] = publish_report(out, summary)
+                batch.follow_all(wait_for_workers, server_timeout, poll_seconds)
+            except BaseException:  # an error, SIGTERM, SIGINT: no shard writes on after this
+                with contextlib.suppress(Exception):
+                    batch.cancel_in_flight("lregions: the coordinator stopped")
+                raise
+            batch.fail_lost_rows(config, index.part_names(store, "", run_id))
+        held.check()
+        index.merge(store, "", run_id)
+        table = store.read_parquet(index.INDEX)
+        ok = int((table["status"] == "ok").sum())
+        counts = Counter(rows=len(table), ok=ok, failed=len(table) - ok,
+                         reused=int(table["reused"].sum()))
+        summary = {**summarise(counts, started), "shards": len(shards),
+                   "shard_runs": sum(s.attempts for s in shards),
+                   "index": store.url_of(index.INDEX)}
+        if report:
+            summary["report"] = publish_report(out, summary)
     print(f"coordinator: {summary}")
     return summary

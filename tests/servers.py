@@ -183,3 +183,53 @@ def lregions(env: dict[str, str], *args: str, timeout: float = 600,
     """Run the ``lregions`` command (this checkout's) to the end."""
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, check=False, **popen)
+
+
+# -- lregions processes -------------------------------------------------------------------------
+IMAGES = ("chelsea", "coffee", "astronaut", "rocket")
+PROMPTS = ("a red hat", "a green cup", "a bunch of flowers", "bright orange fire", "a blue sky",
+           "a small dog", "a wooden boat", "a snowy hill")
+
+
+def tiny_manifest(path: Path, rows: int) -> Path:
+    """A manifest of ``rows`` distinct rows (scikit-image samples x prompts) for tiny runs."""
+    lines = ["id,image,prompt"]
+    for n in range(rows):
+        image, prompt = IMAGES[n % len(IMAGES)], PROMPTS[n // len(IMAGES) % len(PROMPTS)]
+        lines.append(f"row{n:03d},skimage:{image},{prompt} {n}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def own_server_env(**extra: str) -> dict[str, str]:
+    """This environment without PREFECT_API_URL: an ``lregions edit`` started with it runs its
+    own temporary Prefect server."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(extra)
+    return env
+
+
+def start_lregions(env: dict[str, str], log: Path, *args: str) -> subprocess.Popen:
+    """Start the ``lregions`` command (this checkout's) in a session of its own, its output to
+    ``log``; stop it with :func:`stop`."""
+    handle = open(log, "wb")  # noqa: SIM115 - the child keeps it
+    try:
+        return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=ROOT,
+                                stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        handle.close()
+
+
+def wait_until(done, timeout: float, what: str, process: subprocess.Popen | None = None,
+               log: Path | None = None) -> None:
+    """Poll ``done()`` until true; fail after ``timeout`` seconds, or at once when ``process``
+    ends first (with the tail of its ``log``)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        ended = process is not None and process.poll() is not None
+        if ended or time.monotonic() > deadline:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            why = (f"the process ended ({process.returncode}) before {what}" if ended
+                   else f"not {what} within {timeout} s")
+            raise AssertionError(f"{why}:\n{tail}")
+        time.sleep(0.1)
