@@ -37,7 +37,7 @@ from collections.abc import Iterator
 
 from flows.pools import COORDINATOR_POOL, DEFAULT_POOL, BatchError, check_pool_name
 from lregions_core.cli import MODE_CHOICES, build_parser, config_args, positive_int, run
-from lregions_core.config import make_config, run_config
+from lregions_core.config import ConfigError, make_config, run_config
 
 STOP_GRACE_SECONDS = 10.0  # after SIGTERM/SIGINT: longest wait for a clean stop
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -175,8 +175,13 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     """The batch pipeline: in this process (a Prefect flow run), or with ``--pool`` across the
     workers of a work pool (this process runs the coordinator, outside every worker slot)."""
     from lregions_core.manifest import read_manifest
+    from lregions_core.remote import SettingsError, check_settings
 
     run_config(args.preset, args.mode, args.set)  # usage check
+    try:
+        check_settings()  # the LREGIONS_HTTP_* variables, once, not on every image
+    except SettingsError as exc:
+        raise ConfigError(str(exc)) from None
     total = len(read_manifest(args.manifest))  # usage errors before any work
     prefect_defaults()
     if args.pool:  # usage errors before the lease: nothing is written

@@ -17,6 +17,7 @@ found damage, 2 usage error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Any
@@ -73,15 +74,26 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     """Decode every file of a batch output folder; with ``--repair``, remove the damaged items'
     result.json and the damaged files so the next run redoes exactly those items. Exit 0 when
     everything is whole, 1 when something is damaged."""
-    from lregions_core import verify
+    from lregions_core import lease, verify
+    from lregions_core.index import INDEX, PARTS
     from lregions_core.store import Store
 
     store = Store(args.dir)
+    if not store.exists(INDEX) and not store.exists(PARTS):
+        raise ConfigError(f"no {INDEX} and no index parts in {store.url_of('')} (not a batch "
+                          "output folder)")
+    # A repair removes files: never while a batch writes to the folder (it holds the lease).
+    holding = lease.hold(args.dir, command="lregions verify --repair") if args.repair else (
+        contextlib.nullcontext())
     try:
-        found = verify.verify(store)
+        with holding:
+            found = verify.verify(store)
+            removed = verify.repair(store, found) if args.repair else None
+    except lease.LeaseError as exc:
+        print(f"lregions: {exc}", file=sys.stderr)
+        return 1
     except FileNotFoundError as exc:  # no index: not a batch output folder
         raise ConfigError(f"{exc} (not a batch output folder)") from None
-    removed = verify.repair(store, found) if args.repair else None
     if args.json:
         print(json.dumps({**found.to_dict(), "ok": not found.damage, "removed": removed}))
     else:

@@ -362,3 +362,36 @@ def test_items_that_share_a_regions_result_keep_each_their_candidate(out, manife
             prune_candidates(store, state["result"])
     for cell in cells:
         assert all(s["reused"] for s in run(cell)), cell
+
+
+# Holds the lease on the folder argv[1] until killed.
+HOLDER = """import sys, time
+from lregions_core.lease import hold
+with hold(sys.argv[1], command='lregions edit (a batch)'):
+    print('held', flush=True)
+    time.sleep(120)
+"""
+
+
+def test_repair_refuses_while_a_batch_holds_the_folder(out, capsys):
+    """A repair removes files: while another run holds the output folder's lease it refuses,
+    naming the holder, and removes nothing."""
+    import subprocess
+    import sys
+
+    damage(out)
+    before = files(out)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        status = library_cli(["verify", str(out), "--repair"])
+        said = capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert status == 1 and "lregions edit (a batch)" in said, said
+    assert files(out) - {"lregions.lock"} == before  # nothing removed
+    # the holder died: its lease is taken over at once, and the repair goes ahead
+    assert verify(out, capsys, "--repair")[0] == 1 and files(out) < before
