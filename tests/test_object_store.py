@@ -60,11 +60,15 @@ def _recorded(endpoint: str, run) -> list[dict]:
 
 
 def _writes(requests: list[dict], prefix: str) -> Counter:
-    """Object keys under ``prefix`` written, with how many PUTs each (multipart parts aside)."""
+    """Object keys under ``prefix`` written, with how many PUTs each (multipart parts aside;
+    the output folder's lease, whose heartbeat rewrites it every few seconds, aside)."""
+    from lregions_core.lease import LOCK
+
     counts: Counter = Counter()
     for r in requests:
         url = urlsplit(r["url"])
-        if r["method"] == "PUT" and url.path.startswith(prefix) and "partNumber" not in url.query:
+        if (r["method"] == "PUT" and url.path.startswith(prefix) and "partNumber" not in url.query
+                and not url.path.endswith(f"/{LOCK}")):
             counts[url.path] += 1
     return counts
 

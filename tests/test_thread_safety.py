@@ -120,7 +120,7 @@ def test_evaluator_gives_each_thread_its_own_metrics():
         found = evaluator.evaluate(sources[i], finals[i], prompt=f"a red thing {i}",
                                    source_prompt="a thing", box=(8, 8, 40, 40))
         assert found["missing"] == {name: found["missing"][name] for name in found["missing"]
-                                    if name.startswith(("box", "changed"))}
+                                    if name.startswith(("box", "changed", "pie_"))}
         return found["metrics"]
 
     wrong = concurrent_mismatches(call, THREADS, CALLS)
