@@ -40,7 +40,7 @@ from lregions_core.interfaces import CandidateScores, Features
 from lregions_core.loading import heavy_import
 from lregions_core.manifest import ManifestRow
 from lregions_core.metrics import METRICS
-from lregions_core.store import Store
+from lregions_core.store import Store, encode_png
 
 FEATURE_SETTINGS = (
     "features", "feature_model", "feature_size", "feature_kwargs", "random_weights",
@@ -217,22 +217,21 @@ def _complete(store: Store, folder: str, summary: str, pngs: Callable[[dict], li
         wanted = [posixpath.basename(png) for png in pngs(found)]
         sizes = found.get("sizes") or {}
         # (a file another thread or process removes meanwhile reads as incomplete too)
-        return all(name in names and (name not in sizes or _size(store, f"{folder}/{name}")
+        return all(name in names and (name not in sizes or store.size(f"{folder}/{name}")
                                       == sizes[name]) for name in wanted)
     except UNREADABLE:
         return False
 
 
-def _size(store: Store, rel: str) -> int:
-    """A stored file's byte size, from the file system's metadata (a stat; on object stores a
-    HEAD request, or the listing the file system has cached)."""
-    return store.fs.size(store.path(rel))
-
-
-def _sizes(store: Store, rels: list[str]) -> dict[str, int]:
-    """File name -> byte size of freshly written images, for their stage's summary (see
-    :func:`_complete`)."""
-    return {posixpath.basename(rel): _size(store, rel) for rel in rels}
+def _write_pngs(store: Store, images: list[tuple[str, Image.Image]]) -> dict[str, int]:
+    """Write each ``(rel, image)`` as PNG; returns file name -> byte size, for the stage's
+    summary (see :func:`_complete`)."""
+    sizes = {}
+    for rel, image in images:
+        data = encode_png(image)
+        store.write_bytes(rel, data)
+        sizes[posixpath.basename(rel)] = len(data)
+    return sizes
 
 
 def _regions_complete(store: Store, folder: str) -> bool:
@@ -254,16 +253,15 @@ def regions(
     proposals, outcome, bank = pipeline.find_regions(
         config, loaded, work, feats, row.prompt, row.source, seed
     )
-    records = []
-    for i, cand in enumerate(outcome.candidates):
-        store.write_png(candidate_png(folder, i), cand.image)
-        records.append({"anchor": cand.anchor, "proposal": cand.proposal, "box": cand.box,
-                        "loss": cand.loss, "scores": vars(cand.scores)})
+    sizes = _write_pngs(store, [(candidate_png(folder, i), cand.image)
+                                for i, cand in enumerate(outcome.candidates)])
+    records = [{"anchor": cand.anchor, "proposal": cand.proposal, "box": cand.box,
+                "loss": cand.loss, "scores": vars(cand.scores)} for cand in outcome.candidates]
     store.write_json(
         f"{folder}/candidates.json",
         {
             "candidates": records,
-            "sizes": _sizes(store, [candidate_png(folder, i) for i in range(len(records))]),
+            "sizes": sizes,
             "work_size": list(work.size),
             "anchors": proposals.centres,
             "proposals": proposals.boxes,
@@ -310,15 +308,14 @@ def masks(row: ManifestRow, state: dict, config: Config, store: Store, models: C
     masked, fallbacks = pipeline.refine_regions(
         config, segmenter, bank, [(c["anchor"], c["proposal"], c["box"]) for c in boxes],
         row.source)
-    records = []
-    for i, cand in sorted(masked.items()):
-        store.write_png(candidate_png(folder, i), cand.image)
-        store.write_png(mask_png(folder, i), cand.mask)
-        records.append({"source": i, "anchor": cand.anchor, "proposal": cand.proposal,
-                        "box": cand.box, "loss": cand.loss, "scores": vars(cand.scores)})
+    done = sorted(masked.items())
+    sizes = _write_pngs(store, [png for i, cand in done for png in (
+        (candidate_png(folder, i), cand.image), (mask_png(folder, i), cand.mask))])
+    records = [{"source": i, "anchor": cand.anchor, "proposal": cand.proposal, "box": cand.box,
+                "loss": cand.loss, "scores": vars(cand.scores)} for i, cand in done]
     store.write_json(f"{folder}/masks.json", {
         "candidates": records,
-        "sizes": _sizes(store, pngs({"candidates": records})),
+        "sizes": sizes,
         "fallbacks": {str(i): why for i, why in fallbacks.items()},
         "editor_requests": bank.editor_requests,
         "denoise_steps": bank.denoise_steps,
@@ -455,20 +452,24 @@ def outputs(
 KEEP_PREFIX = "keep-"  # in a regions or masks folder: which of its images an item keeps
 
 
-def record_kept(store: Store, result: dict) -> set[str]:
-    """Write, in each of the item's regions and masks folders, which of the folder's candidate
-    images the item keeps (``keep-<item key>.json``; ``keep_candidates`` chosen or none), so
-    that no other item's pruning deletes them (see :func:`prune_candidates`). Returns the kept
-    images' paths."""
+def _kept_paths(result: dict) -> set[str]:
+    """The paths of the candidate images an item keeps (``keep_candidates``)."""
     cands = result["candidates"]
     keep = result.get("keep_candidates", "all")
-    kept = {cands[i]["path"] for i in kept_candidates(keep, len(cands), result["chosen"])}
-    if keep != "all":
-        for folder in (result.get("regions_path"), result.get("masks_path")):
-            if folder:
-                mine = sorted(rel for rel in kept if posixpath.dirname(rel) == folder)
-                store.write_json(f"{folder}/{KEEP_PREFIX}{result['item_key']}.json", mine)
-    return kept
+    return {cands[i]["path"] for i in kept_candidates(keep, len(cands), result["chosen"])}
+
+
+def record_kept(store: Store, result: dict) -> None:
+    """Write, in each of the item's regions and masks folders, which of the folder's candidate
+    images the item keeps (``keep-<item key>.json``; ``keep_candidates`` chosen or none), so
+    that no other item's pruning deletes them (see :func:`prune_candidates`)."""
+    if result.get("keep_candidates", "all") == "all":
+        return
+    kept = _kept_paths(result)
+    for folder in (result.get("regions_path"), result.get("masks_path")):
+        if folder:
+            mine = sorted(rel for rel in kept if posixpath.dirname(rel) == folder)
+            store.write_json(f"{folder}/{KEEP_PREFIX}{result['item_key']}.json", mine)
 
 
 def prune_candidates(store: Store, result: dict, busy: set[str] | frozenset[str] = frozenset()
@@ -482,10 +483,9 @@ def prune_candidates(store: Store, result: dict, busy: set[str] | frozenset[str]
     selection choose different candidates of one regions result): each item records what it
     keeps there when it is written (:func:`record_kept`), and only images that no item's record
     names are deleted, so no item's kept candidate goes and no item is redone for it."""
-    keep = result.get("keep_candidates", "all")
-    if keep == "all":
+    if result.get("keep_candidates", "all") == "all":
         return
-    kept = record_kept(store, result)
+    kept = _kept_paths(result)
     for folder in (result.get("regions_path"), result.get("masks_path")):
         if not folder or folder in busy:
             continue

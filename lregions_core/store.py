@@ -59,6 +59,11 @@ class Store:
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))
 
+    def size(self, rel: str) -> int:
+        """A file's byte size, from the file system's metadata (a stat; on object stores a HEAD
+        request, or a listing the file system has cached)."""
+        return self.fs.size(self.path(rel))
+
     def listdir(self, rel: str) -> list[str]:
         """Names of the files and folders directly in ``rel`` (none when it does not exist), as
         other processes left them: listing caches are dropped first."""
@@ -111,9 +116,7 @@ class Store:
         return self.write_bytes(rel, json.dumps(value, indent=2, default=_jsonable).encode())
 
     def write_png(self, rel: str, image: Image.Image) -> str:
-        buffer = io.BytesIO()
-        image.save(buffer, "PNG")
-        return self.write_bytes(rel, buffer.getvalue())
+        return self.write_bytes(rel, encode_png(image))
 
     def write_parquet(self, rel: str, frame) -> str:
         buffer = io.BytesIO()
@@ -162,6 +165,13 @@ class Store:
     def read_parquet(self, rel: str):
         pd = heavy_import("pandas")
         return pd.read_parquet(io.BytesIO(self.read_bytes(rel)))
+
+
+def encode_png(image: Image.Image) -> bytes:
+    """``image`` as PNG file bytes (what :meth:`Store.write_png` writes)."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def _jsonable(value: Any) -> Any:
