@@ -10,8 +10,9 @@ chunk has finished), so no worker thread sits waiting on another future, and the
 held to ``gpu_slots`` chunks at a time per process while ingest, features and outputs of other
 chunks go on beside it. Stages with nothing to do for a chunk (every row reused or failed) are
 skipped, so a rerun that reuses everything costs one ingest task per chunk; and a chunk whose
-part a resumed run had already written (``done_parts``) is not run at all, unless a row of it
-failed for a transient reason (a network read: see :mod:`lregions_core.index`).
+part a resumed run had already written (``done_parts``: see
+:func:`lregions_core.index.done_parts`, which leaves out parts marked to run again) is not run
+at all.
 """
 
 from __future__ import annotations
@@ -130,10 +131,8 @@ def run_chunks(
                 return
             chunk = start // chunk_size
             part = f"{part_prefix}{chunk:06d}"
-            # written by the run this one resumes; a part with transiently failed rows is run
-            # again (its finished rows are reused), whoever listed it as done
-            done = index.part_counts(store, folder, run_id, part) if part in done_parts else {}
-            if done and not done.pop("transient"):
+            if part in done_parts:  # written by the run this one resumes
+                done = index.part_counts(store, folder, run_id, part)
                 counts.update(done)
                 if on_rows is not None:
                     on_rows(done["rows"])

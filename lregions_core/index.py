@@ -124,21 +124,20 @@ def done_parts(store: Store, folder: str, run_id: str) -> set[str]:
 
 
 def retry_parts(store: Store, folder: str, run_id: str) -> set[str]:
-    """Names of the parts of ``run_id`` with a transiently failed row (see :func:`write_part`)."""
+    """Names of the parts of ``run_id`` marked to run again: a transiently failed row (see
+    :func:`write_part`) or a repaired one (:func:`redo_rows`)."""
     return {name.removesuffix(RETRY_SUFFIX)
             for name in store.listdir(_join(folder, PARTS, f"run={run_id}"))
             if name.endswith(RETRY_SUFFIX)}
 
 
 def part_counts(store: Store, folder: str, run_id: str, part: str) -> dict[str, int]:
-    """rows, ok, failed, reused and transient (failed rows to try again) of one written part."""
-    table = _read(store, part_path(folder, run_id, part)).select(["status", "reused",
-                                                                  "error_kind"])
+    """rows, ok, failed and reused of one written part."""
+    table = _read(store, part_path(folder, run_id, part)).select(["status", "reused"])
     status, reused = table.column("status").to_pylist(), table.column("reused").to_pylist()
     ok = sum(s == "ok" for s in status)
     return {"rows": len(status), "ok": ok, "failed": len(status) - ok,
-            "reused": sum(bool(r) for r in reused),
-            "transient": table.column("error_kind").to_pylist().count("transient")}
+            "reused": sum(bool(r) for r in reused)}
 
 
 def index_row(state: dict, config: Config) -> dict[str, Any]:
