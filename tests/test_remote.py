@@ -82,9 +82,18 @@ def handler(faults: Faults) -> type[BaseHTTPRequestHandler]:
         def do_GET(self) -> None:
             path = self.path
             fault = faults.next_fault(path)
+            self.counted = True
             try:
                 self.answer(path, fault)
             finally:
+                self.leave()
+
+        def leave(self) -> None:
+            """The request is no longer in flight (once per request). Called before a whole
+            body's last write: the client can end the request, and start another, only once
+            that write has happened, so the count never lags behind the client's."""
+            if self.counted:
+                self.counted = False
                 faults.done()
 
         def answer(self, path: str, fault: str) -> None:
@@ -124,6 +133,7 @@ def handler(faults: Faults) -> type[BaseHTTPRequestHandler]:
                     faults.stop.wait(3 * READ_TIMEOUT)
                 self.close_connection = True
                 return
+            self.leave()
             self.wfile.write(body)
 
     return Handler
