@@ -2,15 +2,19 @@
 
 Real-size architectures with random weights (speed and memory do not depend on the weights'
 values): DINO ViT-B/8 (ViT-S/16 for ``fast``), CLIP ViT-B/16, Stable Diffusion 2 inpainting at
-512 px with each preset's scheduler and steps. ``--small`` runs the same code with the ``tiny``
-preset's models at 64 px and the steps scaled by 0.04, keeping each preset's method settings, so
-it runs on a CPU. Sections: the real-size models' size and UNet work (meta device: counted, not
-run); each mode's cost per photo next to the reference procedure (``gpu_workloads.py``); where
-the time goes; levers measured off and on in the same run; numerical checks; a profile.
+512 px with each preset's scheduler and steps; and the ``sdxl`` and ``flux`` presets' editors
+(SDXL inpainting 0.1, FLUX.1 Fill [dev]) at 1024 px, rgn mode (``--editor-presets``). ``--small``
+runs the same code with the ``tiny`` preset's models (each preset's editor in its tiny build) at
+64 px and the steps scaled by 0.04, keeping each preset's method settings, so it runs on a CPU.
+Sections: the real-size models' size and denoiser work (meta device: counted, not run, so the
+12 B FLUX transformer needs no memory); each mode's cost per photo next to the reference
+procedure (``gpu_workloads.py``); where the time goes; levers measured off and on in the same
+run; numerical checks; a profile.
 
-    python benchmarks/bench_gpu.py                          # on a CUDA machine
+    python benchmarks/bench_gpu.py                          # on a CUDA machine (80 GB for FLUX)
     python benchmarks/bench_gpu.py --small --photos 2       # CPU / CI
     options: --compile on|off|auto  --profile DIR  --peak-tflops X  --dtype  --no-levers
+             --editor-presets sdxl flux (the default; none: SD 2 only)
 """
 
 from __future__ import annotations
@@ -49,40 +53,90 @@ from lregions_core.profiling import PhaseTimer, instrument
 from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS
 
 
+def _autoencoder_flops(vae: Any, size: int) -> float:
+    """FLOPs of encoding and decoding one ``size`` x ``size`` image."""
+    count = profiling.count_flops
+    latents = torch.empty(1, vae.config.latent_channels, size // 8, size // 8)
+    return (count(vae.encode, torch.empty(1, 3, size, size)) or 0) + (count(vae.decode, latents)
+                                                                        or 0)
+
+
+def _ids(length: int) -> torch.Tensor:
+    return torch.zeros(1, length, dtype=torch.long)
+
+
 def real_size_facts() -> None:
     """Size and work of the real-size models, built on the meta device (counted, not run)."""
     import open_clip
     import timm
 
-    from lregions_core.models.editor_components import sd_inpaint_components
+    from lregions_core.models.editor_components import (
+        FLUX_T5_MAX_LENGTH,
+        flux_fill_components,
+        sd_inpaint_components,
+        sdxl_inpaint_components,
+    )
 
     count = profiling.count_flops
     with torch.device("meta"):
         sd = sd_inpaint_components("full")
+        sdxl = sdxl_inpaint_components("full")
+        flux = flux_fill_components("full")
         dino = timm.create_model("vit_base_patch8_224.dino", num_classes=0, dynamic_img_size=True)
         clip = open_clip.create_model("ViT-B-16", device="meta")
     unet, vae, text = sd["unet"], sd["vae"], sd["text_encoder"]
-    image = torch.empty(1, 3, 512, 512)
+    # SDXL at 1024 px: 128x128 latents; both text encoders' states (768 + 1280), the pooled
+    # embedding and the 6 size/crop ids.
+    sdxl_cond = {"encoder_hidden_states": torch.empty(1, 77, 2048), "added_cond_kwargs": {
+        "text_embeds": torch.empty(1, 1280), "time_ids": torch.empty(1, 6)}}
+    # FLUX at 1024 px: 64x64 packed latent tokens (16 latent + 16 masked-image channels x 2x2,
+    # and the 8x8-pixel mask x 2x2), 512 T5 tokens.
+    tokens, text_tokens = (1024 // 16) ** 2, FLUX_T5_MAX_LENGTH
+    flux_inputs = {"hidden_states": torch.empty(1, tokens, 384),
+                   "encoder_hidden_states": torch.empty(1, text_tokens, 4096),
+                   "pooled_projections": torch.empty(1, 768), "timestep": torch.empty(1),
+                   "img_ids": torch.empty(tokens, 3), "txt_ids": torch.empty(text_tokens, 3),
+                   "guidance": torch.empty(1)}
+    # (preset group, name, module, what the FLOPs are for, FLOPs)
     rows = [
-        ("SD 2 inpainting UNet", unet, "one sample, one step, 512x512", count(
+        ("default", "SD 2 inpainting UNet", unet, "one sample, one step, 512x512", count(
             unet, torch.empty(1, 9, 64, 64), torch.tensor(999),
             encoder_hidden_states=torch.empty(1, 77, 1024))),
-        ("SD 2 VAE", vae, "encode + decode, 512x512", (count(vae.encode, image) or 0)
-         + (count(vae.decode, torch.empty(1, 4, 64, 64)) or 0)),
-        ("SD 2 text encoder", text, "one prompt", count(text, torch.zeros(1, 77, dtype=torch.long))),
-        ("DINO ViT-B/8", dino, "one 256x256 image", count(dino, torch.empty(1, 3, 256, 256))),
-        ("CLIP ViT-B/16", clip, "one 224x224 view", count(clip.encode_image,
-                                                            torch.empty(1, 3, 224, 224))),
+        ("default", "SD 2 VAE", vae, "encode + decode, 512x512", _autoencoder_flops(vae, 512)),
+        ("default", "SD 2 text encoder", text, "one prompt", count(text, _ids(77))),
+        ("sdxl", "SDXL inpainting UNet", sdxl["unet"], "one sample, one step, 1024x1024", count(
+            sdxl["unet"], torch.empty(1, 9, 128, 128), torch.tensor(999), **sdxl_cond)),
+        ("sdxl", "SDXL VAE", sdxl["vae"], "encode + decode, 1024x1024",
+         _autoencoder_flops(sdxl["vae"], 1024)),
+        ("sdxl", "SDXL text encoder 1 (CLIP ViT-L/14)", sdxl["text_encoder"], "one prompt",
+         count(sdxl["text_encoder"], _ids(77))),
+        ("sdxl", "SDXL text encoder 2 (OpenCLIP ViT-bigG/14)", sdxl["text_encoder_2"],
+         "one prompt", count(sdxl["text_encoder_2"], _ids(77))),
+        ("flux", "FLUX.1 Fill transformer", flux["transformer"],
+         "one sample, one step, 1024x1024", count(flux["transformer"], **flux_inputs)),
+        ("flux", "FLUX VAE", flux["vae"], "encode + decode, 1024x1024",
+         _autoencoder_flops(flux["vae"], 1024)),
+        ("flux", "FLUX text encoder 1 (CLIP ViT-L/14, pooled)", flux["text_encoder"],
+         "one prompt", count(flux["text_encoder"], _ids(77))),
+        ("flux", "FLUX text encoder 2 (T5 v1.1 XXL)", flux["text_encoder_2"],
+         f"one prompt, {text_tokens} tokens", count(flux["text_encoder_2"], _ids(text_tokens))),
+        ("shared", "DINO ViT-B/8", dino, "one 256x256 image",
+         count(dino, torch.empty(1, 3, 256, 256))),
+        ("shared", "CLIP ViT-B/16", clip, "one 224x224 view", count(clip.encode_image,
+                                                                      torch.empty(1, 3, 224, 224))),
     ]
     print("\nReal-size models (built on the meta device: counted by FlopCounterMode, not run)\n")
     print("| model | parameters (M) | GiB at 2 bytes | GFLOP | for |\n|---|---|---|---|---|")
-    total = 0
-    for name, module, use, flops in rows:
+    totals: dict[str, int] = {}
+    for group, name, module, use, flops in rows:
         params = sum(p.numel() for p in module.parameters())
-        total += params
+        totals[group] = totals.get(group, 0) + params
         print(f"| {name} | {params / 1e6:.1f} | {params * 2 / 2**30:.2f} "
               f"| {f'{flops / 1e9:.1f}' if flops else 'n/a'} | {use} |")
-    print(f"| all | {total / 1e6:.1f} | {total * 2 / 2**30:.2f} | | |")
+    for group in ("default", "sdxl", "flux"):
+        total = totals[group] + totals["shared"]
+        print(f"| all, {group} preset (its editor, DINO, CLIP) | {total / 1e6:.1f} "
+              f"| {total * 2 / 2**30:.2f} | | |")
 
 
 def mode_rows(args: argparse.Namespace, photos: list, out: Path) -> list[tuple]:
@@ -90,6 +144,8 @@ def mode_rows(args: argparse.Namespace, photos: list, out: Path) -> list[tuple]:
     configuration in turn, so a change in the machine's load is shared), best of ``rounds``."""
     runs = [(preset, mode, bench_config(args, preset, mode=mode), Models.load, ours)
             for preset in ("default", "fast") for mode in MODES]
+    runs += [(preset, "rgn", bench_config(args, preset, mode="rgn"), Models.load, ours)
+             for preset in args.editor_presets]
     runs.append(("reference", "reference", reference_config(args), reference_models,
                  reference_procedure))
     loaded = []
@@ -112,7 +168,11 @@ def mode_rows(args: argparse.Namespace, photos: list, out: Path) -> list[tuple]:
 
 
 def solver(config: Any) -> str:
-    return {"default": "PNDM", "dpm-solver++": "DPM-Solver++"}[config.editor_scheduler]
+    """The editor's sampler, by name."""
+    if config.editor_scheduler == "dpm-solver++":
+        return "DPM-Solver++"
+    return {"sd-inpaint": "PNDM", "sdxl-inpaint": "Euler", "flux-fill": "flow-matching Euler",
+            "amused": "aMUSEd"}.get(config.editor, config.editor_scheduler)
 
 
 def _mean(runs: list[PhotoRun], key: str, field: str = "counts") -> float:
@@ -319,6 +379,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="time everything this many times, keep the best (a busy machine)")
     parser.add_argument("--no-levers", action="store_true")
+    parser.add_argument("--editor-presets", nargs="*", default=["sdxl", "flux"],
+                        choices=["sdxl", "flux", "amused"], metavar="PRESET",
+                        help="presets whose editor also gets a per-photo row (rgn mode), "
+                        "default sdxl flux; give none for SD 2 only")
     parser.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace here")
     parser.add_argument("--peak-tflops", type=float, help="the GPU's dense fp16/bf16 peak")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 on a shared CPU: "
@@ -329,9 +393,11 @@ def main() -> None:
     config = bench_config(args, "default")
     device = torch.device(config.device_resolved)
     peak = args.peak_tflops or profiling.dense_peak_tflops(device)
+    size = "small (tiny preset models, 64 px)" if args.small else "real-size models, 512 px"
+    if args.editor_presets and not args.small:
+        size += f" ({', '.join(args.editor_presets)}: 1024 px)"
     print(f"torch {torch.__version__}; {profiling.device_name(device)}; "
-          f"{str(resolve_dtype(config)).removeprefix('torch.')}; "
-          f"{'small (tiny preset models, 64 px)' if args.small else 'real-size models, 512 px'}"
+          f"{str(resolve_dtype(config)).removeprefix('torch.')}; {size}"
           f"; dense 16-bit peak: {f'{peak:g} TFLOP/s' if peak else 'unknown (n/a on a CPU)'}"
           f"; peak GiB: {'CUDA max allocated' if device.type == 'cuda' else 'process max RSS'}")
     real_size_facts()

@@ -11,7 +11,10 @@ kinds of component, each registered by name in :mod:`lregions_core.registry`:
 
 All images crossing these interfaces are PIL images in mode ``RGB`` at the *working* size
 (the input resized to keep its aspect ratio, see :func:`lregions_core.images.working_size`);
-masks are PIL images in mode ``L`` of the same size, 255 where the editor must repaint.
+masks are PIL images in mode ``L`` of the same size, 255 where the editor must repaint. The
+one exception is the final render of ``final_render`` "region": the editor then gets a crop of
+the input around the chosen region, at up to its :attr:`Editor.native_size`, its sides
+multiples of ``work_multiple`` (see :func:`lregions_core.images.render_geometry`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class EditRequest:
 class Editor(Protocol):
     name: str
     steps_per_call: int  # denoising / decoding steps one request costs (for accounting)
+    # The editor's own resolution (longer side, px): the size it was trained at and edits best
+    # at. The final render (``final_render`` "region") edits the chosen region at up to this size.
+    native_size: int
 
     def edit(self, requests: Sequence[EditRequest]) -> list[Image.Image]:
         """Return one RGB image per request, each the size of its request's image."""

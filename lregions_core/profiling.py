@@ -228,10 +228,11 @@ def _instrument_pipeline(pipe: Any, timer: PhaseTimer) -> list[Callable[[], None
         denoiser.register_forward_pre_hook(before, with_kwargs=True),
         denoiser.register_forward_hook(lambda *_: timer.pop()),
     ]
-    text_encoder = getattr(pipe, "text_encoder", None)
-    if text_encoder is not None:
-        handles.append(text_encoder.register_forward_pre_hook(lambda *_: timer.push("text")))
-        handles.append(text_encoder.register_forward_hook(lambda *_: timer.pop()))
+    for name in ("text_encoder", "text_encoder_2"):  # SDXL and FLUX have two
+        text_encoder = getattr(pipe, name, None)
+        if text_encoder is not None:
+            handles.append(text_encoder.register_forward_pre_hook(lambda *_: timer.push("text")))
+            handles.append(text_encoder.register_forward_hook(lambda *_: timer.pop()))
     undo.extend(handle.remove for handle in handles)
     for name in ("vae", "vqvae"):
         autoencoder = getattr(pipe, name, None)

@@ -188,7 +188,7 @@ def test_new_settings_are_validated():
         tiny(editor_scheduler="euler")
     with pytest.raises(ConfigError, match="edit_batch"):
         tiny(edit_batch=0)
-    with pytest.raises(ValueError, match="sd-inpaint only"):
+    with pytest.raises(ValueError, match="sd-inpaint and sdxl-inpaint only"):
         EDITORS.build("amused", tiny(editor="amused", editor_scheduler="dpm-solver++"))
     assert make_config("fast").editor_scheduler == "dpm-solver++"
     assert make_config("fast").editor_steps < make_config("default").editor_steps

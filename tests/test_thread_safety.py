@@ -87,6 +87,8 @@ COMPONENTS: dict[str, tuple[Callable, Callable[[], Any]]] = {
     "oracle": (scorer, oracle_config),
     "sd-inpaint": (editor, tiny),
     "amused": (editor, lambda: tiny(editor="amused")),
+    "sdxl-inpaint": (editor, lambda: tiny(editor="sdxl-inpaint")),
+    "flux-fill": (editor, lambda: tiny(editor="flux-fill")),
     "oracle-painter": (editor, oracle_config),
     "clipseg": (segmenter, tiny),
     "oracle-segmenter": (segmenter, oracle_config),

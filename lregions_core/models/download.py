@@ -8,6 +8,10 @@ model name, CLIP under ``<clip_model>/<clip_pretrained>``, the segmenter under i
 
 The segmenter (CLIPSeg) is fetched only when ``region_shape`` is not "box": a box run never
 loads it. Components that need no weights (oracle components, ``random_weights``) are skipped.
+
+Gated repositories (:data:`GATED_EDITORS`: FLUX.1 Fill [dev]) download only for a logged-in
+Hugging Face account that has accepted the model's licence; when the hub refuses, the error says
+so and how to fix it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,17 @@ from pathlib import Path
 from lregions_core.config import Config
 from lregions_core.models.weights import WeightsUnavailableError, safe_dirname
 
-EDITORS_WITH_WEIGHTS = ("sd-inpaint", "amused")
-# Diffusers repos: configs, tokenizers and safetensors weights in the component folders. Top-level
-# single-file checkpoints (SD ships a 5 GB *.ckpt/*.safetensors next to the folders) and
-# pickled .bin duplicates are skipped.
-EDITOR_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.safetensors"]
+EDITORS_WITH_WEIGHTS = ("sd-inpaint", "sdxl-inpaint", "flux-fill", "amused")
+# Diffusers repos: configs, tokenizers (CLIP's vocab/merges; T5's spiece.model beside its
+# tokenizer.json) and safetensors weights in the component folders, sharded ones with their
+# index. Top-level single-file checkpoints (SD ships a 5 GB *.ckpt/*.safetensors next to the
+# folders, FLUX a 23 GB one) and pickled .bin duplicates are skipped.
+EDITOR_PATTERNS = ["model_index.json", "*/*.json", "*/*.txt", "*/*.model", "*/*.safetensors"]
+# Gated editor repositories -> their licence: the hub serves them only to a logged-in account
+# that accepted it.
+GATED_EDITORS = {
+    "black-forest-labs/FLUX.1-Fill-dev": "the FLUX.1 [dev] Non-Commercial License",
+}
 WEIGHT_VARIANTS = ("fp16", "bf16", "fp32", "non_ema", "ema")
 SEGMENTERS_WITH_WEIGHTS = ("clipseg",)
 # Transformers repos: config, tokenizer and processor files, and the safetensors weights (the
@@ -68,14 +78,40 @@ def _download_editor(config: Config) -> str:
     else:
         ignore = [f"*.{v}.*" for v in WEIGHT_VARIANTS]
     target = _target(config, name)
-    path = snapshot_download(
-        name,
-        revision=config.editor_kwargs.get("revision"),
-        local_dir=target,
-        allow_patterns=allow,
-        ignore_patterns=ignore,
-    )
+    try:
+        path = snapshot_download(
+            name,
+            revision=config.editor_kwargs.get("revision"),
+            local_dir=target,
+            allow_patterns=allow,
+            ignore_patterns=ignore,
+        )
+    except OSError as exc:  # the hub's HTTP errors are OSErrors
+        if _refused(exc, name):
+            raise PermissionError(_gated_message(name)) from exc
+        raise
     return f"editor {name}: {path}"
+
+
+def _refused(exc: BaseException, name: str) -> bool:
+    """Whether the hub refused a gated repository (no token, or the licence not accepted)."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    if isinstance(exc, GatedRepoError):
+        return True
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    return name in GATED_EDITORS and isinstance(exc, HfHubHTTPError) and status in (401, 403)
+
+
+def _gated_message(name: str) -> str:
+    licence = GATED_EDITORS.get(name, "its licence")
+    return (
+        f"the Hugging Face hub refused {name}: it is a gated repository. Accept {licence} on "
+        f"https://huggingface.co/{name} with your Hugging Face account, then log in on this "
+        f"machine (`hf auth login`, or set HF_TOKEN to a read token of that account) and run "
+        f"lregions download again"
+    )
 
 
 def _download_segmenter(config: Config) -> str:

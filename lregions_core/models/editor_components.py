@@ -4,10 +4,16 @@ Two sizes, chosen by ``Config.editor_kwargs["architecture"]``:
 
 * ``"tiny"``: a few thousand to a few million parameters, like diffusers' fast tests'
   ``get_dummy_components()``; for offline tests and the smoke run. The tiny autoencoders keep
-  the real ones' downsampling (SD /8; aMUSEd /8 plus the transformer's /2), so working sizes
-  that are multiples of 16 work for both.
-* ``"full"``: the published architectures (Stable Diffusion 2 inpainting; aMUSEd 512) with random
-  weights: the honest way to measure speed and memory where the weights cannot be had.
+  the real ones' downsampling (SD, SDXL and FLUX /8; aMUSEd /8 plus the transformer's /2; FLUX
+  packs 2x2 latents on top), so working sizes that are multiples of 16 work for all of them.
+* ``"full"``: the published architectures (Stable Diffusion 2 inpainting; aMUSEd 512; SDXL
+  inpainting 0.1; FLUX.1 Fill [dev]) with random weights: the honest way to measure speed and
+  memory where the weights cannot be had. SDXL is about 3.5 billion parameters (14 GB in
+  float32, as they are built) and FLUX about 16.9 billion (68 GB): count them under
+  ``torch.device("meta")`` on a machine without that much memory.
+
+Tokenizers are built offline (:mod:`lregions_core.models.tokenizer`): CLIP's real vocabulary,
+and for FLUX's T5 a small character-level one whose ids fit the embedding of either size.
 
 Heavy libraries are imported inside the builders. Weights are initialised under a fixed seed
 (without touching the global RNG) so every process builds the same random model.
@@ -90,6 +96,108 @@ AMUSED512_TEXT = {
 }
 AMUSED512_MASK_TOKEN = 8255  # vocab_size 8256 = 8192 codes + mask token, rounded up
 
+# SDXL inpainting 0.1 (diffusers/stable-diffusion-xl-1.0-inpainting-0.1, */config.json): SDXL
+# base's UNet with 9 input channels, its VAE, and its two text encoders (CLIP ViT-L/14's text
+# tower, and OpenCLIP ViT-bigG/14's with projection) whose penultimate states are concatenated.
+SDXL_UNET = {
+    "sample_size": 128,
+    "in_channels": 9,  # 4 noisy latents + 1 mask + 4 masked-image latents
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280),
+    "attention_head_dim": (5, 10, 20),
+    "transformer_layers_per_block": (1, 2, 10),
+    "cross_attention_dim": 2048,  # 768 + 1280: both text encoders' hidden states
+    "use_linear_projection": True,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816,  # pooled 1280 + 6 size/crop ids x 256
+}
+SDXL_VAE = {**SD2_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+SDXL_TEXT = {  # CLIP ViT-L/14
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+}
+SDXL_TEXT_2 = {  # OpenCLIP ViT-bigG/14
+    "hidden_size": 1280,
+    "intermediate_size": 5120,
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+}
+# EulerDiscreteScheduler with the repo's scheduler/scheduler_config.json.
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
+
+# FLUX.1 Fill [dev] (black-forest-labs/FLUX.1-Fill-dev, */config.json): a 12 B rectified-flow
+# transformer whose input is the packed noisy latents (16 channels x 2x2), the packed masked-image
+# latents (64) and the packed mask (8x8 pixels x 2x2 = 256); guidance-distilled (guidance_embeds).
+FLUX_FILL_TRANSFORMER = {
+    "patch_size": 1,
+    "in_channels": 384,
+    "out_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,  # T5-XXL's width
+    "pooled_projection_dim": 768,  # CLIP ViT-L/14's pooled output
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+FLUX_VAE = {
+    "sample_size": 1024,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 16,
+    "layers_per_block": 2,
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "force_upcast": True,
+}
+FLUX_TEXT = SDXL_TEXT  # CLIP ViT-L/14's text tower (only its pooled output is used)
+FLUX_T5 = {  # T5 v1.1 XXL's encoder
+    "vocab_size": 32128,
+    "d_model": 4096,
+    "d_kv": 64,
+    "d_ff": 10240,
+    "num_layers": 24,
+    "num_heads": 64,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "feed_forward_proj": "gated-gelu",
+    "layer_norm_epsilon": 1e-6,
+}
+FLUX_T5_MAX_LENGTH = 512  # FLUX.1 [dev]'s T5 sequence length
+FLUX_SCHEDULER = {  # FlowMatchEulerDiscreteScheduler, scheduler/scheduler_config.json
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+}
+
 
 def _text_config(**settings: Any):
     """A CLIP text config whose vocabulary and special ids match the offline tokenizer."""
@@ -105,6 +213,15 @@ def _text_config(**settings: Any):
         "layer_norm_eps": 1e-5,
     }
     return CLIPTextConfig(**{**base, **settings})
+
+
+def _inference(components: dict[str, Any]) -> dict[str, Any]:
+    """The components with every model in evaluation mode, as ``from_pretrained`` leaves them
+    (T5's dropout would otherwise draw from torch's global generator on every prompt)."""
+    for component in components.values():
+        if hasattr(component, "eval") and hasattr(component, "parameters"):
+            component.eval()
+    return components
 
 
 def _check(architecture: str) -> None:
@@ -156,7 +273,7 @@ def sd_inpaint_components(architecture: str) -> dict[str, Any]:
                     projection_dim=32,
                 )
             )
-    return {
+    return _inference({
         "unet": unet,
         "vae": vae,
         "text_encoder": text_encoder,
@@ -165,7 +282,7 @@ def sd_inpaint_components(architecture: str) -> dict[str, Any]:
         "safety_checker": None,
         "feature_extractor": None,
         "image_encoder": None,
-    }
+    })
 
 
 def amused_components(architecture: str) -> dict[str, Any]:
@@ -225,10 +342,161 @@ def amused_components(architecture: str) -> dict[str, Any]:
                     projection_dim=32,
                 )
             )
-    return {
+    return _inference({
         "transformer": transformer,
         "vqvae": vqvae,
         "text_encoder": text_encoder,
         "tokenizer": clip_tokenizer_offline(77),
         "scheduler": AmusedScheduler(mask_token_id=mask_token_id),
-    }
+    })
+
+
+def _on_cpu(scheduler_class: Any, **settings: Any) -> Any:
+    """A scheduler, its small tables on the CPU also when the models are built under
+    ``torch.device("meta")`` (some schedulers copy their tables, which meta tensors cannot)."""
+    import torch
+
+    with torch.device("cpu"):
+        return scheduler_class(**settings)
+
+
+def _tiny_clip(with_projection: bool = False):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    config = _text_config(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
+def sdxl_inpaint_components(architecture: str) -> dict[str, Any]:
+    """UNet (9 input channels, text-and-size conditioning), VAE, two text encoders (the second
+    with projection: its pooled embedding), two tokenizers and the Euler scheduler."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from lregions_core.models.tokenizer import clip_tokenizer_offline
+
+    _check(architecture)
+    with seeded():
+        if architecture == "full":
+            unet = UNet2DConditionModel(**SDXL_UNET)
+            vae = AutoencoderKL(**SDXL_VAE)
+            text_encoder = CLIPTextModel(_text_config(**SDXL_TEXT))
+            text_encoder_2 = CLIPTextModelWithProjection(_text_config(**SDXL_TEXT_2))
+        else:
+            unet = UNet2DConditionModel(
+                sample_size=8,
+                in_channels=9,
+                out_channels=4,
+                layers_per_block=1,
+                block_out_channels=(32, 64),
+                attention_head_dim=(2, 4),
+                transformer_layers_per_block=(1, 2),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                cross_attention_dim=64,  # 32 + 32: both text encoders' hidden states
+                use_linear_projection=True,
+                addition_embed_type="text_time",
+                addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled + 6 size/crop ids
+                norm_num_groups=8,
+            )
+            vae = AutoencoderKL(
+                sample_size=64,
+                latent_channels=4,
+                layers_per_block=1,
+                block_out_channels=(8, 8, 16, 16),  # four levels: /8 like the real VAE
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                norm_num_groups=8,
+                scaling_factor=SDXL_VAE["scaling_factor"],
+            )
+            text_encoder = _tiny_clip()
+            text_encoder_2 = _tiny_clip(with_projection=True)
+    return _inference({
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": clip_tokenizer_offline(77),
+        "tokenizer_2": clip_tokenizer_offline(77, "!"),  # as SDXL's tokenizer_2 pads
+        "scheduler": _on_cpu(EulerDiscreteScheduler, **SDXL_SCHEDULER),
+        "image_encoder": None,
+        "feature_extractor": None,
+    })
+
+
+def flux_fill_components(architecture: str) -> dict[str, Any]:
+    """FLUX Fill transformer (guidance embedding), VAE (16 latent channels, /8), CLIP text
+    encoder (pooled), T5 encoder, their tokenizers and the flow-matching Euler scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    from lregions_core.models.tokenizer import (
+        T5_OFFLINE_VOCAB_SIZE,
+        clip_tokenizer_offline,
+        t5_tokenizer_offline,
+    )
+
+    _check(architecture)
+    with seeded():
+        if architecture == "full":
+            transformer = FluxTransformer2DModel(**FLUX_FILL_TRANSFORMER)
+            vae = AutoencoderKL(**FLUX_VAE)
+            text_encoder = CLIPTextModel(_text_config(**FLUX_TEXT))
+            text_encoder_2 = T5EncoderModel(T5Config(**FLUX_T5))
+        else:
+            latent_channels, scale = 4, 8  # the tiny VAE's channels and downsampling
+            transformer = FluxTransformer2DModel(
+                patch_size=1,
+                # packed: noisy latents (4 x 2x2), masked-image latents (same), mask (8x8 x 2x2)
+                in_channels=2 * 4 * latent_channels + 4 * scale * scale,
+                out_channels=4 * latent_channels,
+                num_layers=1,
+                num_single_layers=1,
+                attention_head_dim=16,
+                num_attention_heads=2,
+                joint_attention_dim=32,  # the tiny T5's width
+                pooled_projection_dim=32,  # the tiny CLIP's width
+                guidance_embeds=True,
+                axes_dims_rope=(4, 4, 8),
+            )
+            vae = AutoencoderKL(
+                sample_size=64,
+                latent_channels=latent_channels,
+                layers_per_block=1,
+                block_out_channels=(8, 8, 16, 16),  # four levels: /8 like the real VAE
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                norm_num_groups=8,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+                scaling_factor=FLUX_VAE["scaling_factor"],
+                shift_factor=FLUX_VAE["shift_factor"],
+            )
+            text_encoder = _tiny_clip()
+            text_encoder_2 = T5EncoderModel(
+                T5Config(
+                    vocab_size=T5_OFFLINE_VOCAB_SIZE,
+                    d_model=32,
+                    d_kv=8,
+                    d_ff=37,
+                    num_layers=2,
+                    num_heads=4,
+                    feed_forward_proj="gated-gelu",
+                )
+            )
+    return _inference({
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer": clip_tokenizer_offline(77),
+        "tokenizer_2": t5_tokenizer_offline(FLUX_T5_MAX_LENGTH),
+        "scheduler": _on_cpu(FlowMatchEulerDiscreteScheduler, **FLUX_SCHEDULER),
+    })

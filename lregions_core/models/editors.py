@@ -1,4 +1,6 @@
-"""The diffusers editors: Stable Diffusion inpainting (``"sd-inpaint"``) and aMUSEd (``"amused"``).
+"""The diffusers editors: Stable Diffusion inpainting (``"sd-inpaint"``) and aMUSEd (``"amused"``)
+here; SDXL inpainting (``"sdxl-inpaint"``) and FLUX.1 Fill (``"flux-fill"``) in
+:mod:`lregions_core.models.editors_xl`, on the same :class:`DiffusersEditor`.
 
 Each request gets its own ``torch.Generator`` seeded with ``request.seed``, and nothing random is
 shared across a batch, so an edit is a function of (image, mask, prompt, seed) alone: the same
@@ -13,7 +15,20 @@ Speed and memory: each distinct prompt is encoded once per editor (alone, so its
 not depend on its batch-mates either); requests go to the model ``edit_batch`` at a time, in
 equal parts; when the GPU runs out of memory the batch is halved and retried, and with one image
 per batch the error says what to set. ``editor_scheduler`` and ``compile_unet`` give a pipeline
-object of its own over the same weights (see :func:`editor_pipeline`).
+object of its own over the same weights (see :func:`editor_pipeline`). ``vae_slicing`` and
+``vae_tiling`` are set on the VAE per call (aMUSEd's VQ-GAN has neither). ``editor_offload``
+("model" or "sequential": diffusers' ``enable_model_cpu_offload`` /
+``enable_sequential_cpu_offload``, which need the ``accelerate`` package) keeps the weights in CPU
+memory and moves them to the GPU as they run: it needs a CUDA device, and an editor on the CPU
+refuses it with an error rather than ignoring it (the setting would mean nothing there). An
+offloaded load is a load of its own (not shared with a plain one), and cannot be compiled.
+
+Each editor says its ``native_size``: the resolution its weights were trained at (the longer side
+of the working image that suits it; ``work_size`` in its preset).
+
+An editor whose diffusers pipeline class cannot be imported (diffusers outside
+:data:`DIFFUSERS_REQUIREMENT`) fails with an :class:`EditorUnavailableError` naming the editor, the
+class, the diffusers versions it needs and the one installed.
 
 SD's safety checker is not loaded: it is not part of the method, and it would blank images.
 
@@ -27,9 +42,12 @@ whichever thread makes it.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import logging
 import math
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -52,6 +70,51 @@ logger = logging.getLogger(__name__)
 # serial anyway). Keyed by the weights' cache key.
 _RUN_LOCKS: dict[str, threading.Lock] = {}
 PROMPT_CACHE_SIZE = 64  # text embeddings kept per editor (SD 2: 77 x 1024 values each)
+# The diffusers versions the editors are written for: pyproject.toml's pin (a test keeps them equal).
+DIFFUSERS_REQUIREMENT = ">=0.40,<0.43"
+
+
+class EditorUnavailableError(RuntimeError):
+    """The installed diffusers lacks the pipeline class an editor is built on."""
+
+
+def pipeline_class(editor: str, class_name: str, note: str = "") -> Any:
+    """``diffusers.<class_name>``, or an :class:`EditorUnavailableError` that names the editor,
+    the class (with ``note``), the diffusers versions it needs and the installed one."""
+    try:
+        return getattr(importlib.import_module("diffusers"), class_name)
+    except (ImportError, AttributeError) as exc:
+        what = f"{class_name}, {note}" if note else class_name
+        raise EditorUnavailableError(
+            f"{editor} needs diffusers {DIFFUSERS_REQUIREMENT} ({what}); "
+            f"installed: {_diffusers_version()}"
+        ) from exc
+
+
+def _diffusers_version() -> str:
+    module = sys.modules.get("diffusers")
+    if getattr(module, "__version__", None):
+        return str(module.__version__)
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("diffusers")
+    except PackageNotFoundError:
+        return "none"
+
+
+# Editors whose weights are bfloat16 and overflow in float16: dtype "auto" runs them in bfloat16
+# on CUDA (the other models of the run keep float16).
+BFLOAT16_EDITORS = ("flux-fill",)
+
+
+def editor_dtype(config: Config) -> torch.dtype:
+    """The editor's dtype: ``config.dtype``, where "auto" is float32 on the CPU, and on CUDA
+    float16, or bfloat16 for :data:`BFLOAT16_EDITORS`."""
+    auto_cuda = config.dtype == "auto" and resolve_device(config).type == "cuda"
+    if auto_cuda and config.editor in BFLOAT16_EDITORS:
+        return torch.bfloat16
+    return resolve_dtype(config)
 
 
 def _architecture(config: Config) -> str:
@@ -67,10 +130,11 @@ def _cache_key(config: Config) -> str:
         "device",
         "dtype",
         "weights_dir",
+        "editor_offload",  # offloading hooks the modules: an offloaded load is one of its own
     )
     data = {name: getattr(config, name) for name in fields}
     data["device"] = str(resolve_device(config))  # "auto" and "cpu" may be the same pipeline
-    data["dtype"] = str(resolve_dtype(config)).removeprefix("torch.")
+    data["dtype"] = str(editor_dtype(config)).removeprefix("torch.")
     return json.dumps(data, sort_keys=True, default=str)
 
 
@@ -83,15 +147,14 @@ def _load_pretrained(pipeline_class: Any, config: Config, **extra: Any) -> Any:
     options = {k: v for k, v in config.editor_kwargs.items() if k != "architecture"}
     try:
         return pipeline_class.from_pretrained(
-            str(source), dtype=resolve_dtype(config), **extra, **options
+            str(source), dtype=editor_dtype(config), **extra, **options
         )
     except (OSError, EntryNotFoundError) as exc:  # hub, HTTP, offline and file errors are OSError
         raise WeightsUnavailableError("editor", config.editor_model, exc) from exc
 
 
 def _build_sd_inpaint(config: Config) -> Any:
-    from diffusers import StableDiffusionInpaintPipeline
-
+    StableDiffusionInpaintPipeline = pipeline_class("sd-inpaint", "StableDiffusionInpaintPipeline")
     if config.random_weights:
         from lregions_core.models.editor_components import sd_inpaint_components
 
@@ -110,8 +173,9 @@ def _build_sd_inpaint(config: Config) -> Any:
 
 def _build_amused(config: Config) -> Any:
     # aMUSEd sits under diffusers' deprecated pipelines (last updated in 0.33) but still works.
-    from diffusers import AmusedInpaintPipeline
-
+    AmusedInpaintPipeline = pipeline_class(
+        "amused", "AmusedInpaintPipeline", "a deprecated pipeline"
+    )
     if config.random_weights:
         from lregions_core.models.editor_components import amused_components
 
@@ -119,7 +183,9 @@ def _build_amused(config: Config) -> Any:
     return _load_pretrained(AmusedInpaintPipeline, config)
 
 
-_BUILDERS: dict[str, Callable[[Config], Any]] = {
+# Editor name -> the function that builds its pipeline (random weights or pretrained), on the CPU
+# in float32 or the config's dtype; editors_xl adds its editors here.
+BUILDERS: dict[str, Callable[[Config], Any]] = {
     "sd-inpaint": _build_sd_inpaint,
     "amused": _build_amused,
 }
@@ -128,23 +194,47 @@ _BUILDERS: dict[str, Callable[[Config], Any]] = {
 def editor_pipeline(config: Config) -> Any:
     """The diffusers pipeline for ``config.editor``: weights loaded once per process and settings,
     with the scheduler and compiled denoiser ``config`` asks for on top (sharing the weights)."""
+    if config.editor_offload != "none":
+        _check_offload(config, resolve_device(config))  # before the key resolves "auto"
     return _pipeline_view(_cache_key(config), config.editor_scheduler, config.compile_unet)
 
 
 @load_once()
 def _load_pipeline(key: str) -> Any:
     config = Config().replace(**json.loads(key))  # the settings that decide the pipeline
-    pipe = _BUILDERS[config.editor](config)
-    dtype = resolve_dtype(config)
+    device = resolve_device(config)
+    pipe = BUILDERS[config.editor](config)
+    dtype = editor_dtype(config)
     if config.random_weights and dtype != torch.float32:  # built in float32
         pipe.to(dtype=dtype)
-    pipe.to(resolve_device(config))
+    if config.editor_offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif config.editor_offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def _check_offload(config: Config, device: torch.device) -> None:
+    """Offloading moves weights between CPU memory and a CUDA GPU: refuse it elsewhere (on the
+    CPU it would mean nothing), and say what to install when accelerate is missing."""
+    if device.type != "cuda":
+        raise ValueError(
+            f"editor_offload={config.editor_offload!r} moves the editor's weights between CPU "
+            f"memory and a CUDA GPU, but the editor runs on {device}; set editor_offload=none "
+            f"(or device=cuda on a machine with a GPU)"
+        )
+    if importlib.util.find_spec("accelerate") is None:
+        raise ImportError(
+            f"editor_offload={config.editor_offload!r} needs the accelerate package: "
+            f"pip install 'accelerate>=0.17'"
+        )
+
+
 def _denoiser_name(pipe: Any) -> str:
-    return "unet" if hasattr(pipe, "unet") else "transformer"  # SD / aMUSEd
+    return "unet" if hasattr(pipe, "unet") else "transformer"  # SD, SDXL / aMUSEd, FLUX
 
 
 def _unwrap(module: Any) -> Any:
@@ -163,19 +253,37 @@ def _pipeline_view(key: str, scheduler: str, compile_denoiser: bool) -> Any:
     components = dict(base.components)
     if scheduler == "dpm-solver++":
         if "unet" not in components:
-            raise ValueError("editor_scheduler='dpm-solver++' applies to sd-inpaint only")
+            raise ValueError(
+                "editor_scheduler='dpm-solver++' applies to sd-inpaint and sdxl-inpaint only"
+            )
         from diffusers import DPMSolverMultistepScheduler
 
         components["scheduler"] = DPMSolverMultistepScheduler.from_config(
             base.scheduler.config, algorithm_type="dpmsolver++", solver_order=2
         )
     if compile_denoiser:
+        if json.loads(key).get("editor_offload", "none") != "none":
+            raise ValueError("compile_unet cannot be combined with editor_offload (the offloading "
+                             "hooks move weights inside the compiled module)")
         name = _denoiser_name(base)
         components[name] = torch.compile(components[name])
-    extra = {"requires_safety_checker": False} if "safety_checker" in components else {}
-    view = type(base)(**components, **extra)
+    view = type(base)(**components, **_constructor_settings(base, components))
     view.set_progress_bar_config(disable=True)
     return view
+
+
+def _constructor_settings(pipe: Any, components: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's own settings that its constructor takes besides the components (SD's
+    ``requires_safety_checker``; SDXL's ``requires_aesthetics_score`` and
+    ``force_zeros_for_empty_prompt``), as the loaded pipeline has them."""
+    import inspect
+
+    names = inspect.signature(type(pipe).__init__).parameters
+    return {
+        name: pipe.config[name]
+        for name in names
+        if name not in components and name != "self" and name in pipe.config
+    }
 
 
 def clear_pipeline_cache() -> None:
@@ -195,9 +303,12 @@ class DiffusersEditor:
     prompt embeddings encoded once, and smaller batches when the GPU runs out of memory."""
 
     name = "diffusers"
+    native_size: int = 512  # the resolution the weights were trained at (longer side, pixels)
     # Levers the benchmark switches off to measure them (the defaults are what pays):
     attention = "sdpa"  # PyTorch's fused scaled-dot-product attention; "eager": matmul+softmax
+    eager_attention = True  # whether the denoiser takes diffusers' eager AttnProcessor
     reuse_prompt_embeddings = True  # False: the text encoder runs on every call (diffusers' way)
+    prompt_cache_size = PROMPT_CACHE_SIZE  # text embeddings kept
 
     def __init__(self, config: Config, pipeline: Any, multiple: int) -> None:
         self.steps_per_call = config.editor_steps
@@ -271,9 +382,13 @@ class DiffusersEditor:
         return None
 
     def _configure_modules(self) -> None:
-        """Apply this editor's attention and VAE-slicing choice to the shared modules."""
+        """Apply this editor's attention, VAE slicing and VAE tiling choices to the shared
+        modules."""
         denoiser = _unwrap(getattr(self.pipeline, _denoiser_name(self.pipeline)))
         if getattr(denoiser, "_lregions_attention", "sdpa") != self.attention:
+            if not self.eager_attention:
+                raise ValueError(f"{self.name}: attention {self.attention!r} is not available "
+                                 f"(its transformer has attention processors of its own)")
             from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
             kinds = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
@@ -284,6 +399,8 @@ class DiffusersEditor:
         vae = getattr(self.pipeline, "vae", None)
         if vae is not None and hasattr(vae, "use_slicing"):
             vae.use_slicing = self.config.vae_slicing
+        if vae is not None and hasattr(vae, "use_tiling"):
+            vae.use_tiling = self.config.vae_tiling
 
     def _check(self, request: EditRequest) -> None:
         width, height = request.image.size
@@ -315,7 +432,7 @@ class DiffusersEditor:
             else:
                 found[text] = self._encode_text(text)
         self._embeddings.update(found)
-        while len(self._embeddings) > PROMPT_CACHE_SIZE:
+        while len(self._embeddings) > self.prompt_cache_size:
             self._embeddings.popitem(last=False)
         return [found[text] for text in texts]
 
@@ -330,6 +447,7 @@ class SDInpaintEditor(DiffusersEditor):
     """Stable Diffusion inpainting: the repainted region starts from pure noise (strength 1)."""
 
     name = "sd-inpaint"
+    native_size = 512  # SD 2 inpainting
 
     def _encode_text(self, text: str) -> torch.Tensor:
         device = self.pipeline._execution_device
@@ -361,6 +479,7 @@ class AmusedEditor(DiffusersEditor):
     """aMUSEd inpainting (MaskGIT-style decoding of VQ tokens)."""
 
     name = "amused"
+    native_size = 512  # aMUSEd 512
 
     def _encode_text(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
         from lregions_core.models.amused_sampling import encode_text
@@ -404,6 +523,13 @@ def build_sd_inpaint(config: Config) -> SDInpaintEditor:
 def build_amused(config: Config) -> AmusedEditor:
     """aMUSEd inpainting (default preset: amused/amused-512), one pipeline per process."""
     config = config.replace(editor="amused")
+    if config.vae_tiling:
+        raise ValueError("vae_tiling applies to sd-inpaint, sdxl-inpaint and flux-fill; "
+                         "aMUSEd's VQ-GAN has no tiled mode")
     pipe = editor_pipeline(config)
     down = 2 if pipe.transformer.config.downsample else 1  # the transformer halves the grid again
     return AmusedEditor(config, pipe, multiple=int(pipe.vae_scale_factor) * down)
+
+
+# The SDXL and FLUX editors register themselves (imported last: they build on the above).
+from lregions_core.models import editors_xl  # noqa: F401

@@ -1,8 +1,14 @@
-"""A CLIP tokenizer built offline from the BPE vocabulary that open_clip ships.
+"""Tokenizers built offline, for the editors' random-weight builds (no hub repository to load
+one from).
 
-The editors' text encoders (Stable Diffusion, aMUSEd) use OpenAI CLIP's BPE. Random-weight builds
-have no hub repository to load a tokenizer from, so we rebuild ``vocab.json`` / ``merges.txt``
-from ``open_clip/bpe_simple_vocab_16e6.txt.gz``; the pair matches OpenAI's files exactly.
+* CLIP: the editors' CLIP text encoders (Stable Diffusion, SDXL, aMUSEd, FLUX) use OpenAI CLIP's
+  BPE. We rebuild ``vocab.json`` / ``merges.txt`` from ``open_clip/bpe_simple_vocab_16e6.txt.gz``;
+  the pair matches OpenAI's files exactly.
+* T5 (FLUX's second text encoder): no T5 vocabulary ships with any installed package, so
+  :func:`t5_tokenizer_offline` is a small character-level Unigram vocabulary with T5's special
+  tokens at T5's ids (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2). Its ids are valid for any T5
+  embedding at least :data:`T5_OFFLINE_VOCAB_SIZE` long (the published one has 32128 rows);
+  the words it splits into are not T5's, which random weights cannot tell.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import gzip
 import importlib.util
 import json
 import os
+import string
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,7 +25,7 @@ from typing import TYPE_CHECKING
 from lregions_core.loading import heavy_import, load_once
 
 if TYPE_CHECKING:  # pragma: no cover
-    from transformers import CLIPTokenizer
+    from transformers import CLIPTokenizer, T5TokenizerFast
 
 BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2  # the vocabulary is 49408 = 2*256 bytes + merges + 2 specials
@@ -92,8 +99,10 @@ def _write_files(folder: Path) -> Path:
 
 
 @load_once()
-def clip_tokenizer_offline(max_length: int = 77) -> CLIPTokenizer:
-    """OpenAI CLIP's tokenizer (49408 tokens, pad = ``<|endoftext|>``) without any download."""
+def clip_tokenizer_offline(max_length: int = 77, pad_token: str = EOS) -> CLIPTokenizer:
+    """OpenAI CLIP's tokenizer (49408 tokens) without any download. It pads with
+    ``<|endoftext|>`` (SD 2, SDXL's first tokenizer, aMUSEd, FLUX) unless ``pad_token`` says
+    otherwise (SDXL's second tokenizer pads with ``"!"``)."""
     CLIPTokenizer = heavy_import("transformers").CLIPTokenizer
 
     # transformers 5 ignores the old vocab_file=/merges_file= arguments; load from a folder.
@@ -103,5 +112,27 @@ def clip_tokenizer_offline(max_length: int = 77) -> CLIPTokenizer:
         bos_token=BOS,
         eos_token=EOS,
         unk_token=EOS,
-        pad_token=EOS,
+        pad_token=pad_token,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2, as in T5's SentencePiece vocabulary
+_T5_CHARACTERS = string.ascii_letters + string.digits + string.punctuation
+# specials, the word-start mark, and each character both starting a word and inside one
+T5_OFFLINE_VOCAB_SIZE = len(T5_SPECIALS) + 1 + 2 * len(_T5_CHARACTERS)
+
+
+@load_once()
+def t5_tokenizer_offline(max_length: int = 512) -> T5TokenizerFast:
+    """A T5 tokenizer (Unigram, SentencePiece-style word starts) over single characters:
+    :data:`T5_OFFLINE_VOCAB_SIZE` tokens, no download, no sentencepiece. A character outside
+    ASCII becomes ``<unk>``."""
+    T5TokenizerFast = heavy_import("transformers").T5TokenizerFast
+
+    # Unigram picks the segmentation with the highest summed score: a word-start piece
+    # ("▁c") beats the bare mark plus the character.
+    vocab = [(token, 0.0) for token in T5_SPECIALS] + [("▁", -5.0)]
+    vocab += [("▁" + c, -3.0) for c in _T5_CHARACTERS]
+    vocab += [(c, -4.0) for c in _T5_CHARACTERS]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length)
