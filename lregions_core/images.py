@@ -9,6 +9,11 @@
 * :class:`Matte` (from :func:`box_matte` or an object mask's :func:`mask_matte`) says how much
   of the edit each input pixel takes; :func:`compose` makes the final image with it and
   :func:`edit_layer` the RGBA layer that gives the same final image over the input.
+* :func:`render_geometry` places a second edit of the chosen region on a crop of the input at up
+  to the editor's own resolution (``final_render`` "region"): :func:`crop_canvas` and
+  :func:`canvas_mask` make the editor's image and mask, :func:`render_region` pastes its edit
+  back by the same matte. :func:`upsample_scale` and :attr:`RenderGeometry.edit_scale` say how
+  many input pixels each editor pixel covers on either path.
 
 Boxes are ``(x0, y0, x1, y1)`` in pixel-edge coordinates: pixel ``i`` spans ``[i, i + 1]``, so a
 box over a whole ``W x H`` image is ``(0, 0, W, H)``.
@@ -36,19 +41,26 @@ __all__ = [
     "MAX_PIXELS",
     "ImageLoadError",
     "Matte",
+    "RenderGeometry",
     "TransientImageError",
     "box_mask",
     "box_matte",
+    "canvas_mask",
     "changed_pixels",
     "compose",
+    "context_box",
+    "crop_canvas",
     "edit_layer",
     "load_image",
     "mask_matte",
     "paste_back",
     "paste_region",
     "render",
+    "render_geometry",
+    "render_region",
     "scale_box",
     "to_working",
+    "upsample_scale",
     "working_size",
 ]
 
@@ -446,27 +458,214 @@ def edit_layer(
     return _layer(source_size, _upsampled(edited, work_size, source_size), matte)
 
 
-def _blend(src: Image.Image, up: np.ndarray, matte: Matte) -> Image.Image:
+def _blend(
+    src: Image.Image, up: np.ndarray, matte: Matte, origin: tuple[int, int] = (0, 0)
+) -> Image.Image:
+    """``src`` with ``up`` (the edit over the input rectangle starting at ``origin``, covering
+    the matte's region) blended in by the matte."""
     out = np.array(src, dtype=np.uint8)  # a copy: everything outside the region stays as is
     x0, y0, x1, y1 = matte.region
     if x1 <= x0 or y1 <= y0:
         return Image.fromarray(out, "RGB")
+    ox, oy = origin
     a = matte.alpha[..., None].astype(np.float64) / 255.0
     s = out[y0:y1, x0:x1].astype(np.float64)
-    e = up[y0:y1, x0:x1].astype(np.float64)
+    e = up[y0 - oy : y1 - oy, x0 - ox : x1 - ox].astype(np.float64)
     out[y0:y1, x0:x1] = np.clip(np.rint(s * (1.0 - a) + e * a), 0, 255).astype(np.uint8)
     return Image.fromarray(out, "RGB")
 
 
-def _layer(size: tuple[int, int], up: np.ndarray, matte: Matte) -> Image.Image:
+def _layer(
+    size: tuple[int, int], up: np.ndarray, matte: Matte, origin: tuple[int, int] = (0, 0)
+) -> Image.Image:
     width, height = size
     layer = np.zeros((height, width, 4), np.uint8)
     x0, y0, x1, y1 = matte.region
     if x1 > x0 and y1 > y0:
+        ox, oy = origin
         alpha = matte.alpha
-        layer[y0:y1, x0:x1, :3] = np.where(alpha[..., None] > 0, up[y0:y1, x0:x1], 0)
+        edit = up[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
+        layer[y0:y1, x0:x1, :3] = np.where(alpha[..., None] > 0, edit, 0)
         layer[y0:y1, x0:x1, 3] = alpha
     return Image.fromarray(layer, "RGBA")
+
+
+# -- the final render at the input's resolution ("region") ----------------------------------------
+def upsample_scale(source_size: tuple[int, int], work_size: tuple[int, int]) -> float:
+    """Input pixels per editor pixel when the working edit is upsampled to the input
+    (``final_render`` "upsample"): the larger of the two axes' ratios. Below 1 when the input
+    is smaller than the working image (the editor then had more pixels than the photo)."""
+    return max(source_size[0] / work_size[0], source_size[1] / work_size[1])
+
+
+def _ceil_multiple(x: int, multiple: int) -> int:
+    return max(multiple, -(-int(x) // multiple) * multiple)
+
+
+def context_box(
+    box: Box, size: tuple[int, int], context: float
+) -> tuple[int, int, int, int]:
+    """``box`` rounded outward to pixels and grown on every side by ``ceil(context x`` its longer
+    side ``)`` pixels, clipped to ``size``."""
+    if context < 0:
+        raise ValueError(f"context must be >= 0, got {context}")
+    x0, y0, x1, y1 = pixel_box(box, size)
+    grow = math.ceil(context * max(x1 - x0, y1 - y0))
+    w, h = size
+    return max(x0 - grow, 0), max(y0 - grow, 0), min(x1 + grow, w), min(y1 + grow, h)
+
+
+@dataclass(frozen=True)
+class RenderGeometry:
+    """Where a region render reads the input and at what size the editor sees it.
+
+    ``crop`` (x0, y0, x1, y1): the rectangle of the input the editor gets, always inside the
+    input. ``scaled`` (w, h): the crop's size in editor pixels (the crop itself when it is no
+    larger than the editor's own size, else scaled down: never up). ``canvas`` (w, h): the
+    editor's image, ``scaled`` rounded up to the editor's multiple; the rounding is padding on
+    the right and bottom (the crop's edge pixels repeated, never repainted)."""
+
+    crop: tuple[int, int, int, int]
+    scaled: tuple[int, int]
+    canvas: tuple[int, int]
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        x0, y0, x1, y1 = self.crop
+        return x1 - x0, y1 - y0
+
+    @property
+    def edit_scale(self) -> float:
+        """Input pixels per editor pixel over the crop (the larger axis'): 1.0 when the editor
+        works at the input's own resolution, never below it."""
+        (cw, ch), (sw, sh) = self.crop_size, self.scaled
+        return max(cw / sw, ch / sh)
+
+
+def render_geometry(
+    source_size: tuple[int, int],
+    box: Box,
+    cover: tuple[int, int, int, int],
+    native: int,
+    multiple: int,
+    context: float,
+) -> RenderGeometry:
+    """The crop and editor size of a region render of ``box`` (input pixels) on an input of
+    ``source_size``, for an editor whose own resolution is ``native`` (longer side) and whose
+    sides must be multiples of ``multiple``.
+
+    1. The *context box*: the box grown by ``context`` (fraction of its longer side, each side,
+       :func:`context_box`), joined with ``cover`` (the rectangle the final image may take from
+       the edit: the matte's region, which holds the feather), clipped to the input.
+    2. The scale: 1 when the context box's longer side is at most ``native``, else
+       ``native / longer side``: the input is scaled down to the editor's size, never up.
+    3. The crop: a square of ``native / scale`` input pixels (at least the context box, at most
+       what the editor sees at its own size) centred on the context box, moved inside the
+       input, cut to the input where the input is smaller. A small box thus gets up to
+       ``native`` pixels of real context each way rather than an editor image below its own
+       size.
+    4. ``scaled``: the crop times the scale, each side rounded to a whole pixel; ``canvas``:
+       ``scaled`` rounded up to ``multiple`` (padding), so the canvas is at most ``native``
+       rounded up to ``multiple`` on either side.
+    """
+    if native < 1 or multiple < 1:
+        raise ValueError(f"native and multiple must be >= 1, got {native}, {multiple}")
+    width, height = source_size
+    bx0, by0, bx1, by1 = context_box(box, source_size, context)
+    if bx1 <= bx0 or by1 <= by0:
+        raise ValueError(f"the box {tuple(box)} covers no pixel of a {width}x{height} input")
+    cx0, cy0, cx1, cy1 = cover
+    if cx1 > cx0 and cy1 > cy0:
+        bx0, by0 = max(min(bx0, cx0), 0), max(min(by0, cy0), 0)
+        bx1, by1 = min(max(bx1, cx1), width), min(max(by1, cy1), height)
+    longest = max(bx1 - bx0, by1 - by0)
+    side = max(native, longest)  # the crop's side in input pixels before cutting to the input
+    scale = native / side
+
+    def place(lo: int, hi: int, full: int) -> tuple[int, int]:
+        extent = min(side, full)
+        start = min(max((lo + hi - extent) // 2, 0), full - extent)
+        return start, start + extent
+
+    x0, x1 = place(bx0, bx1, width)
+    y0, y1 = place(by0, by1, height)
+    if not (x0 <= bx0 and bx1 <= x1 and y0 <= by0 and by1 <= y1):  # pragma: no cover - by design
+        raise AssertionError("the crop must hold the context box")
+    cw, ch = x1 - x0, y1 - y0
+    if scale >= 1.0:
+        scaled = (cw, ch)
+    else:
+        scaled = (max(1, math.floor(cw * scale + 0.5)), max(1, math.floor(ch * scale + 0.5)))
+    canvas = (_ceil_multiple(scaled[0], multiple), _ceil_multiple(scaled[1], multiple))
+    return RenderGeometry(crop=(x0, y0, x1, y1), scaled=scaled, canvas=canvas)
+
+
+def crop_canvas(source: Image.Image, geometry: RenderGeometry) -> Image.Image:
+    """The editor's image of a region render: the input's crop, scaled down (Lanczos) to
+    ``geometry.scaled`` when it is larger, padded to ``geometry.canvas`` by repeating its last
+    column and row."""
+    crop = _to_rgb(source).crop(geometry.crop)
+    if crop.size != geometry.scaled:
+        crop = crop.resize(geometry.scaled, Image.Resampling.LANCZOS)
+    if geometry.canvas == geometry.scaled:
+        return crop
+    (sw, sh), (cw, ch) = geometry.scaled, geometry.canvas
+    padded = np.pad(np.asarray(crop), ((0, ch - sh), (0, cw - sw), (0, 0)), mode="edge")
+    return Image.fromarray(padded, "RGB")
+
+
+def canvas_mask(
+    geometry: RenderGeometry, paint: np.ndarray, region: tuple[int, int, int, int]
+) -> Image.Image:
+    """The editor's mask of a region render (mode "L" at ``geometry.canvas``, 255 = repaint):
+    ``paint`` (bool, the input pixels of the rectangle ``region`` to repaint) carried onto the
+    canvas, a canvas pixel repainted when any input pixel it covers is (so scaling never
+    shrinks the painted area). The padding is never repainted."""
+    x0, y0, x1, y1 = geometry.crop
+    full = np.zeros((y1 - y0, x1 - x0), np.uint8)
+    rx0, ry0, rx1, ry1 = region
+    if not (x0 <= rx0 and y0 <= ry0 and rx1 <= x1 and ry1 <= y1):
+        raise ValueError(f"the painted region {region} is not inside the crop {geometry.crop}")
+    full[ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0] = np.where(paint, 255, 0)
+    scaled = Image.fromarray(full, "L")
+    if scaled.size != geometry.scaled:
+        # BOX averages every input pixel a canvas pixel covers: above 0 where any is painted.
+        scaled = scaled.resize(geometry.scaled, Image.Resampling.BOX)
+        scaled = Image.fromarray(np.where(np.asarray(scaled) > 0, 255, 0).astype(np.uint8), "L")
+    out = Image.new("L", geometry.canvas, 0)
+    out.paste(scaled, (0, 0))
+    return out
+
+
+def _region_patch(edited: Image.Image, geometry: RenderGeometry) -> np.ndarray:
+    """The editor's output of a region render back on the crop's input pixels: padding cut
+    off, scaled up (bicubic) to the crop when the crop was scaled down."""
+    if tuple(edited.size) != tuple(geometry.canvas):
+        raise ValueError(f"edited image is {edited.size}, expected the canvas {geometry.canvas}")
+    sw, sh = geometry.scaled
+    patch = _to_rgb(edited).crop((0, 0, sw, sh))
+    if patch.size != geometry.crop_size:
+        patch = patch.resize(geometry.crop_size, Image.Resampling.BICUBIC)
+    return np.asarray(patch)
+
+
+def render_region(
+    source: Image.Image, edited: Image.Image, geometry: RenderGeometry, matte: Matte,
+    *, layer: bool = True,
+) -> tuple[Image.Image, Image.Image | None]:
+    """The final image and (with ``layer``) the edit layer of a region render: ``edited`` (the
+    editor's output on ``geometry.canvas``) put back on the crop and blended over ``source`` by
+    ``matte`` exactly as :func:`render` blends an upsampled working edit: the input bit for bit
+    where the alpha is 0, and the layer over the input gives the final image within one grey
+    level. The matte's region must lie inside the crop."""
+    x0, y0, x1, y1 = geometry.crop
+    rx0, ry0, rx1, ry1 = matte.region
+    if rx1 > rx0 and ry1 > ry0 and not (x0 <= rx0 and y0 <= ry0 and rx1 <= x1 and ry1 <= y1):
+        raise ValueError(f"the matte's region {matte.region} is not inside the crop {geometry.crop}")
+    src = _to_rgb(source)
+    patch = _region_patch(edited, geometry)
+    final = _blend(src, patch, matte, (x0, y0))
+    return final, _layer(src.size, patch, matte, (x0, y0)) if layer else None
 
 
 def changed_region(matte: Matte) -> tuple[int, int, int, int]:

@@ -48,6 +48,9 @@ SCHEMA = pa.schema(
         ("id", pa.string()), ("status", pa.string()), ("error", pa.string()),
         ("error_kind", pa.string()),
         ("final_path", pa.string()), ("box", pa.string()), ("shape", pa.string()),
+        # what made the final image ("upsample" or "region", see final_render) and its input
+        # pixels per editor pixel over the edited region (1.0: at the photo's own resolution)
+        ("render", pa.string()), ("edit_scale", pa.float64()),
         ("text_sim", pa.float64()), ("image_sim", pa.float64()), ("loss", pa.float64()),
         ("selection_score", pa.float64()), ("editor_requests", pa.int64()),
         ("reused", pa.bool_()),
@@ -164,6 +167,8 @@ def index_row(state: dict, config: Config) -> dict[str, Any]:
         "final_path": state.get("final_path"),
         "box": ",".join(str(v) for v in box) if box else None,
         "shape": result.get("shape"),
+        "render": result.get("render"),
+        "edit_scale": _number(result.get("edit_scale")),
         "text_sim": scores.get("text_sim"),
         "image_sim": scores.get("image_sim"),
         "loss": result.get("loss"),

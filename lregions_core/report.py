@@ -184,7 +184,10 @@ def _batch_tables(frame: pd.DataFrame) -> dict[str, pd.DataFrame]:
         "mean": [float(pd.to_numeric(ok[c], errors="coerce").mean()) for c in columns],
         "n": [int(pd.to_numeric(ok[c], errors="coerce").notna().sum()) for c in columns],
     })
-    items = ok[[c for c in ("id", "prompt", "box", "ground_truth") if c in ok] + columns]
+    # render and edit_scale: what made the final image and how many input pixels each editor
+    # pixel covers over the edited region (1.0: the edit is at the photo's own resolution)
+    shown = ("id", "prompt", "box", "render", "edit_scale", "ground_truth")
+    items = ok[[c for c in shown if c in ok] + columns]
     items = items.reset_index(drop=True)
     failed = frame[frame["status"] != "ok"]
     failed = failed[[c for c in ("row", "id", "image", "error") if c in failed]]
@@ -225,8 +228,11 @@ def _strip(folder: _Folder, row: pd.Series) -> str:
     final = folder.link(row.get("final_path")) or folder.link(f"{item}/final.png")
     if final:
         shape = result.get("shape", "box")
+        scale = result.get("edit_scale")
+        rendered = (f"<br>{_e(result.get('render'))} render, edit scale {_e(scale)}"
+                    if isinstance(scale, numbers.Real) else "")
         figures.append(f"<figure>{_img(final, 'final')}<figcaption>final, {_e(shape)} in box "
-                       f"{_e(row.get('box'))}</figcaption></figure>")
+                       f"{_e(row.get('box'))}{rendered}</figcaption></figure>")
     layer = folder.link(resolve_ref("items", item_id, result["layer"])) if result.get("layer") \
         else None
     if layer:  # on a checkerboard, so the layer's transparency shows

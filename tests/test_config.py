@@ -60,10 +60,12 @@ def test_reference_preset_is_the_dataclass_defaults():
 
 def test_default_preset_changes_only_the_region_choice():
     # The models, steps and budgets stay the reference's; what differs is how boxes are proposed
-    # and learned (chosen by the oracle-world ablation).
+    # and learned (chosen by the oracle-world ablation), and that the final image is rendered at
+    # the input's resolution (final_render "region"; the reference upsamples the working edit).
     default, reference = make_config().to_dict(), Config().to_dict()
     changed = {k for k in default if default[k] != reference[k]}
-    assert changed and changed <= set(REGION_CHOICE_KEYS)
+    assert changed and changed <= set(REGION_CHOICE_KEYS) | {"final_render"}
+    assert default["final_render"] == "region" and reference["final_render"] == "upsample"
     assert make_config().proposals_per_anchor > Config().proposals_per_anchor
 
 
