@@ -2,13 +2,15 @@
 implementation's (iterations + 1) x anchors inpaintings of 50 steps; and CPU time of the tiny
 preset per image.
 
-Editor-call counts of ``rgn`` depend on how fast the box policy settles, which depends on the
-losses, and no real weights are available here. So the counts for the ``reference``, ``default``
-and ``fast`` presets are measured with *their method settings* (anchors, proposals, iterations, steps) on
-oracle world v2 items, where losses are meaningful; ``exhaustive``/``random`` counts do not depend
-on losses at all. The oracle IoU column is the oracle world's box quality, not a photo metric.
+Editor-call counts of ``rgn`` depend on the losses, and no real weights are available here. So
+the counts for the ``reference``, ``default`` and ``fast`` presets are measured with *their
+method settings* (anchors, proposals, learner, steps) on oracle world v2 items (seeds 3000..,
+the narrower generator), where losses are meaningful; ``exhaustive``/``random`` counts do not
+depend on losses at all. ``rgn + prior`` starts the search from a region prior fitted on other
+items (``--prior-items`` calibration items, seeds 7000..). The oracle IoU column is the oracle
+world's box quality, not a photo metric.
 
-    python benchmarks/bench_core.py [--items 20] [--tiny-images 4]
+    python benchmarks/bench_core.py [--items 20] [--tiny-images 4] [--prior-items 300]
 """
 
 from __future__ import annotations
@@ -16,35 +18,50 @@ from __future__ import annotations
 import argparse
 import time
 
-from oracle_runs import Item, box_quality
+from oracle_runs import box_quality, v2_items, world_config
 
-from lregions_core import oracle
-from lregions_core.config import REGION_CHOICE_KEYS, make_config, preset_settings
+from lregions_core.config import make_config
 from lregions_core.pipeline import Models, edit_image
 
 MODES = ("rgn", "exhaustive", "dino-random", "random")
-# The method's settings (anchors, proposals, learner) and its steps, taken from the preset
-# measured; the oracle preset supplies only the world (saliency, painter, exact judge, work size).
-METHOD_KEYS = (*REGION_CHOICE_KEYS, "editor_steps")
+# The items today's figures are measured on: v2 seeds no test uses, the narrower generator.
+ITEM_SEEDS = 3000
+PRIOR_SEEDS = 7000  # the region prior's calibration items (other items, the wide generator)
 
 
-def editor_cost(preset: str, items: int) -> list[str]:
+def fitted_prior(preset: str, items: int) -> str:
+    """A region prior for ``preset``'s proposals fitted on ``items`` other items."""
+    import tempfile
+
+    from lregions_core.pipeline import calibration_photo
+    from lregions_core.region_prior import fit, save_prior
+
+    config = world_config(preset, mode="exhaustive")
+    models = Models.load(config)
+    photos = [calibration_photo(config, models, i.image, i.prompt, i.source, i.seed)
+              for i in v2_items(range(PRIOR_SEEDS, PRIOR_SEEDS + items))]
+    location = tempfile.mkdtemp(prefix=f"lregions-prior-{preset}-")
+    save_prior(fit(photos, config), location)
+    return location
+
+
+def editor_cost(preset: str, items: int, prior: str | None) -> list[str]:
     base = make_config(preset)
     reference_calls = (base.iterations + 1) * base.num_anchors
-    world = {k: v for k, v in preset_settings("oracle").items() if k not in METHOD_KEYS}
-    method = {k: getattr(base, k) for k in METHOD_KEYS}
-    v2 = [oracle.make_item_v2(3000 + i) for i in range(items)]  # seeds no test uses
-    runs = [Item(v.image, v.prompt, v.source_prompt, i, v.target_box) for i, v in enumerate(v2)]
+    runs = v2_items(range(ITEM_SEEDS, ITEM_SEEDS + items), wide=False)
     lines = []
     for mode in MODES:
-        config = make_config("default", {**world, **method, "mode": mode})
-        iou, calls, _ = box_quality(config, runs)
-        steps = calls * base.editor_steps
-        lines.append(
-            f"| {preset} | {mode} | {calls:.1f} | {steps:.0f} | "
-            f"{reference_calls} x 50 = {reference_calls * 50} | "
-            f"{steps / (reference_calls * 50):.2f} | {iou:.3f} |"
-        )
+        variants = [("", {})]
+        if mode == "rgn" and prior and base.estimator == "bayes":
+            variants.append((" + prior", {"region_prior": prior}))
+        for label, extra in variants:
+            iou, calls, _ = box_quality(world_config(preset, mode=mode, **extra), runs)
+            steps = calls * base.editor_steps
+            lines.append(
+                f"| {preset} | {mode}{label} | {calls:.1f} | {steps:.0f} | "
+                f"{reference_calls} x 50 = {reference_calls * 50} | "
+                f"{steps / (reference_calls * 50):.2f} | {iou:.3f} |"
+            )
     return lines
 
 
@@ -72,6 +89,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=20)
     parser.add_argument("--tiny-images", type=int, default=4)
+    parser.add_argument("--prior-items", type=int, default=300,
+                        help="calibration items of the region prior (0: no prior rows)")
     args = parser.parse_args()
     import torch
 
@@ -81,8 +100,9 @@ def main() -> None:
     print("| preset | mode | editor calls | denoising steps | reference (calls x steps) "
           "| steps vs reference | oracle IoU |")
     print("|---|---|---|---|---|---|---|")
-    for preset in ("reference", "default", "fast"):
-        for line in editor_cost(preset, args.items):
+    prior = fitted_prior("default", args.prior_items) if args.prior_items else None
+    for preset in ("reference", "default", "fast"):  # fast has default's proposals: one prior
+        for line in editor_cost(preset, args.items, prior):
             print(line, flush=True)
     print(f"\nTiny preset on CPU ({args.tiny_images} scikit-image photos, models loaded once)\n")
     print("| preset | mode | seconds per image | editor calls per image |")

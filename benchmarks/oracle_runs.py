@@ -23,8 +23,8 @@ class Item:
     target_box: tuple
 
 
-def box_quality(config: Config, items: list[Item]) -> tuple[float, float, float]:
-    """(mean box IoU with the target, mean editor calls, seconds) of ``config`` on ``items``."""
+def box_quality_items(config: Config, items: list[Item]) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per item: box IoU with the target and editor calls of ``config``; and the seconds taken."""
     models = Models.load(config)
     ious, calls = [], []
     start = time.perf_counter()
@@ -33,4 +33,30 @@ def box_quality(config: Config, items: list[Item]) -> tuple[float, float, float]
                             models=models, seed=item.seed)
         ious.append(float(box_iou(np.array(result.box), np.array(item.target_box))))
         calls.append(result.editor_requests)
-    return float(np.mean(ious)), float(np.mean(calls)), time.perf_counter() - start
+    return np.array(ious), np.array(calls, dtype=float), time.perf_counter() - start
+
+
+def box_quality(config: Config, items: list[Item]) -> tuple[float, float, float]:
+    """(mean box IoU with the target, mean editor calls, seconds) of ``config`` on ``items``."""
+    ious, calls, seconds = box_quality_items(config, items)
+    return float(ious.mean()), float(calls.mean()), seconds
+
+
+def v2_items(seeds, *, wide: bool = True) -> list[Item]:
+    """Oracle world v2 items for ``seeds`` (each item's seed is its own)."""
+    from lregions_core import oracle
+
+    made = [(seed, oracle.make_item_v2(seed, wide=wide)) for seed in seeds]
+    return [Item(v.image, v.prompt, v.source_prompt, seed, v.target_box) for seed, v in made]
+
+
+def world_config(preset: str, **extra) -> Config:
+    """``preset``'s region-choice method (anchors, proposals, learner, steps) in the oracle world
+    (saliency, painter, exact judge, working size of the ``oracle`` preset), then ``extra``."""
+    from lregions_core.config import REGION_CHOICE_KEYS, make_config, preset_settings
+
+    keys = (*REGION_CHOICE_KEYS, "editor_steps")
+    base = make_config(preset)
+    world = {k: v for k, v in preset_settings("oracle").items() if k not in keys}
+    method = {k: getattr(base, k) for k in keys}
+    return make_config("default", {**world, **method, "final_render": "upsample", **extra})

@@ -9,6 +9,7 @@ these.
 ``verify DIR [--repair] [--json]``     decode every file of a batch folder; remove the damage
 ``ingest FORMAT SOURCE --out CSV``     a manifest from a benchmark or photo set (exit 1 when
                                        some source records were rejected)
+``fit-regions MANIFEST --out PRIOR``   a region prior fitted on exhaustive runs of the rows
 
 Exit status: 0 success, 1 the work failed (unreadable image, missing weights) or ``verify``
 found damage, 2 usage error.
@@ -142,6 +143,38 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit_regions(args: argparse.Namespace) -> int:
+    """Edit every proposal of each manifest row (``exhaustive``), fit a region prior on the
+    losses and write it to ``--out``; rows that fail are named and skipped."""
+    from lregions_core.images import ImageLoadError, load_image
+    from lregions_core.manifest import read_manifest
+    from lregions_core.pipeline import Models, calibration_photo
+    from lregions_core.region_prior import fit, save_prior
+
+    config = make_config(args.preset, None, args.set)
+    rows = [row for row in read_manifest(args.manifest) if row.error is None]
+    rows = rows[: args.limit] if args.limit else rows
+    models = Models.load(config)
+    photos, failed = [], 0
+    for i, row in enumerate(rows, 1):
+        try:
+            image = load_image(row.image)
+            photos.append(calibration_photo(config, models, image, row.prompt, row.source,
+                                            config.seed if row.seed is None else row.seed))
+        except (ImageLoadError, ValueError) as exc:
+            failed += 1
+            print(f"skipped row {row.row} ({row.id}): {exc}", file=sys.stderr)
+        if i % 25 == 0 or i == len(rows):
+            print(f"calibrated {len(photos)} of {i} rows", flush=True)
+    prior = fit(photos, config, seed=args.seed)
+    meta = save_prior(prior, args.out)
+    print(f"region prior -> {args.out} (digest {meta['digest']}): {meta['photos']} photos, "
+          f"{meta['boxes']} boxes; within-anchor correlation on {meta['heldout_photos']} "
+          f"held-out photos {meta['heldout_correlation']:.3f}. Use it with "
+          f"--set region_prior={args.out} --set estimator=bayes")
+    return 1 if failed else 0
+
+
 def config_args(p: argparse.ArgumentParser) -> None:
     """``--preset`` and ``--set KEY=VALUE`` (shared by every command that builds a config)."""
     p.add_argument("--preset", default="default", help=f"one of: {', '.join(preset_names())}")
@@ -211,6 +244,16 @@ def build_parser(prog: str = "lregions") -> tuple[argparse.ArgumentParser, Any]:
     p.add_argument("--prompt", help="unsplash: one prompt for every photo")
     p.add_argument("--width", type=positive_int, help="unsplash: fetch photos W px wide")
     p.set_defaults(run=_cmd_ingest)
+
+    p = sub.add_parser("fit-regions", help="fit a region prior on a manifest: every proposal "
+                       "of each row is edited (exhaustive), then the prior is fitted and saved")
+    p.add_argument("manifest", help="CSV manifest of calibration rows (a few hundred)")
+    p.add_argument("--out", required=True, help="folder or fsspec URL for prior.safetensors "
+                   "and prior.json")
+    p.add_argument("--limit", type=positive_int, help="only the first N valid rows")
+    p.add_argument("--seed", type=int, default=0, help="seed of the fit (split and weights)")
+    config_args(p)
+    p.set_defaults(run=_cmd_fit_regions)
 
     p = sub.add_parser("presets", help="list presets")
     p.set_defaults(run=_cmd_presets)

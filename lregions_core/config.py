@@ -24,10 +24,15 @@ from typing import Any
 
 MODES = ("rgn", "exhaustive", "random", "dino-random")
 ANCHOR_RULES = ("nms", "peaks", "reference")
-ESTIMATORS = ("memo-expectation", "reinforce", "regression", "regression-anchor", "listwise")
+ESTIMATORS = (
+    "memo-expectation", "reinforce", "regression", "regression-anchor", "listwise", "bayes",
+)
+RGN_ACQUISITIONS = ("lcb", "thompson")
+RGN_INITS = ("uniform", "objectness")
 KEEP_CANDIDATES = ("all", "chosen", "none")
-# "default": the editor model's own scheduler (PNDM for SD 2 inpainting, the aMUSEd scheduler);
-# "dpm-solver++": DPM-Solver++ (2M, multistep), which needs fewer steps (SD inpainting only).
+# "default": the editor model's own scheduler (PNDM for SD 2 inpainting, Euler for SDXL
+# inpainting, the aMUSEd scheduler, flow-matching Euler for FLUX Fill); "dpm-solver++":
+# DPM-Solver++ (2M, multistep), which needs fewer steps (SD and SDXL inpainting only).
 EDITOR_SCHEDULERS = ("default", "dpm-solver++")
 PROPOSAL_SPACINGS = ("linear", "geometric")
 RGN_SAMPLINGS = ("policy", "untried")
@@ -35,6 +40,9 @@ RGN_FINALS = ("policy", "tried", "best", "blend")
 # "box": edit the learned box (the paper's method); "mask": edit only what the source caption names
 # inside it (segmented); "auto": edit both, and let the selection score pick.
 REGION_SHAPES = ("box", "mask", "auto")
+# "upsample": the chosen working-size edit, upsampled to the input's size; "region": the chosen
+# region edited again from a crop of the input at up to the editor's own resolution.
+FINAL_RENDERS = ("upsample", "region")
 
 
 # The settings that make up the region-choice method (anchors, proposals and the learner): what
@@ -44,7 +52,8 @@ REGION_CHOICE_KEYS = (
     "num_anchors", "anchor_rule", "anchor_spread", "anchor_refine", "num_proposals",
     "proposal_min", "proposal_max", "proposal_aspects", "proposal_spacing", "iterations", "lr",
     "tau", "estimator", "rgn_context", "rgn_steps", "rgn_sampling", "rgn_settle", "rgn_focus",
-    "rgn_warmup", "rgn_patience", "rgn_final",
+    "rgn_warmup", "rgn_patience", "rgn_final", "rgn_noise", "rgn_acquisition", "rgn_kappa",
+    "rgn_halving", "rgn_confidence", "rgn_budget", "rgn_init", "region_prior",
 )
 
 
@@ -69,10 +78,13 @@ class Config:
     clip_structure_layer: int = 11  # tokens after this many blocks feed L_str's self-similarity
 
     # --- editor ---------------------------------------------------------------------------------
-    editor: str = "sd-inpaint"  # registry name: "sd-inpaint", "amused" or "oracle-painter"
+    # registry name: "sd-inpaint", "sdxl-inpaint", "flux-fill", "amused" or "oracle-painter"
+    editor: str = "sd-inpaint"
     editor_model: str = "stabilityai/stable-diffusion-2-inpainting"  # hub repo or local dir
-    editor_steps: int = 50  # denoising (SD) or decoding (aMUSEd) steps per edit
-    guidance_scale: float = 7.5  # classifier-free guidance scale of the editor
+    editor_steps: int = 50  # denoising (SD, SDXL, FLUX) or decoding (aMUSEd) steps per edit
+    # Classifier-free guidance scale of the editor (FLUX.1 Fill [dev]: the distilled guidance
+    # its transformer is conditioned on, no negative prompt; its card uses 30).
+    guidance_scale: float = 7.5
     prompt_template: str = "a high quality image of {prompt}."  # editor text; has {prompt}
     editor_kwargs: dict = field(default_factory=dict)  # tiny: in-code architecture settings
     editor_scheduler: str = "default"  # one of EDITOR_SCHEDULERS
@@ -83,9 +95,20 @@ class Config:
     # Encode and decode one image at a time in the VAE, so its memory does not grow with
     # edit_batch (the VAE decoder's activations at 512 px are the largest of the editor).
     vae_slicing: bool = True
-    # torch.compile the editor's denoiser (SD's UNet, aMUSEd's transformer): compiles once per
-    # process (minutes) and again for new shapes; pays off over many photos on a GPU.
+    # torch.compile the editor's denoiser (SD's and SDXL's UNet, aMUSEd's and FLUX's transformer):
+    # compiles once per process (minutes) and again for new shapes; pays off over many photos on
+    # a GPU.
     compile_unet: bool = False
+    # Keep the editor's weights in CPU memory and move them to the GPU as they run, for cards too
+    # small to hold them (FLUX Fill needs about 34 GB in bfloat16): "none", "model" (one model at
+    # a time: the text encoders, then the denoiser, then the VAE; a little slower) or
+    # "sequential" (layer by layer: the least GPU memory, many times slower). Needs a CUDA device
+    # and the accelerate package; not with compile_unet.
+    editor_offload: str = "none"
+    # Encode and decode large images in overlapping tiles in the VAE (its memory then stays that
+    # of one tile). Only images larger than the VAE's tile (its sample_size: 1024 px for SDXL
+    # and FLUX) are tiled, and their edits change slightly at the seams; aMUSEd has no tiled mode.
+    vae_tiling: bool = False
 
     # --- working image --------------------------------------------------------------------------
     work_size: int = 512  # longer side of the image the editor works on (aspect kept)
@@ -138,6 +161,32 @@ class Config:
     # Each anchor's box after learning: "policy" (most probable box, edited if it was never
     # tried) or "tried" (most probable among the edited boxes: no edit after learning).
     rgn_final: str = "policy"
+    # --- the Bayesian search (estimator "bayes"): a loss model over all proposals with a noise
+    # term, boxes chosen by their predicted loss and its uncertainty, anchors dropped as soon as
+    # they cannot win (see lregions_core.search). The settings below apply to it alone. ---
+    # The judge's noise: standard deviation of a loss's error, as a fraction of the spread of the
+    # losses of one photo's edits (0 = trust every loss exactly).
+    rgn_noise: float = 0.3
+    # Which untried box an anchor edits next: "lcb" (lowest predicted loss minus rgn_kappa
+    # standard deviations) or "thompson" (lowest loss in one draw from the loss model).
+    rgn_acquisition: str = "lcb"
+    # Weight of the uncertainty in "lcb" (0 = the lowest predicted loss).
+    rgn_kappa: float = 1.0
+    # Share of the still-running anchors kept after each round (successive halving: 0.5 halves
+    # them; 1.0 keeps every anchor that can still win).
+    rgn_halving: float = 0.5
+    # Stop an anchor once the chance that any of its untried boxes beats the best box so far is
+    # below 1 - rgn_confidence (0 = never stop for that reason).
+    rgn_confidence: float = 0.95
+    # At most this many edits per photo (0 = no cap beyond iterations x anchors).
+    rgn_budget: int = 0
+    # Each box's predicted loss before any edit, without a region prior: "uniform" (none) or
+    # "objectness" (how much attention the box holds against the ring around it).
+    rgn_init: str = "objectness"
+    # A region prior fitted across photos (lregions fit-regions): a folder or fsspec URL with
+    # prior.safetensors and prior.json. Ranks each anchor's boxes before any edit; used by the
+    # "bayes" search (None = rgn_init).
+    region_prior: str | None = None
     w_clip: float = 1.0  # weight of L_clip (edit matches the prompt) in the learner's loss
     w_dir: float = 1.0  # weight of L_dir (change in the prompt's direction from the source)
     w_str: float = 1.0  # weight of L_str (structure kept: token self-similarity)
@@ -169,6 +218,13 @@ class Config:
     # Write each item's layer.png (the edit as an RGBA layer over the input; see the docs: Masks
     # and layers).
     keep_layers: bool = True
+    # How the final image is made (one of FINAL_RENDERS): "upsample" the chosen working-size
+    # edit, or "region": edit the chosen region again from a crop of the input at up to the
+    # editor's own resolution (never enlarging the input), kept when it scores at least as well.
+    final_render: str = "upsample"
+    # Context around the chosen box in a "region" render, each side, as a fraction of the box's
+    # longer side (the crop then grows to the editor's own size where the input allows).
+    render_context: float = 0.25
     seed: int = 0  # random seed of a row that gives none (manifest column seed)
 
     # ------------------------------------------------------------------------------------------
@@ -242,14 +298,40 @@ class Config:
                 f"rgn_final must be one of {RGN_FINALS}, got {self.rgn_final!r}",
             ),
             (self.tau > 0, "tau must be > 0"),
+            (self.rgn_noise >= 0, "rgn_noise must be >= 0"),
+            (
+                self.rgn_acquisition in RGN_ACQUISITIONS,
+                f"rgn_acquisition must be one of {RGN_ACQUISITIONS}, got {self.rgn_acquisition!r}",
+            ),
+            (self.rgn_kappa >= 0, "rgn_kappa must be >= 0"),
+            (0 < self.rgn_halving <= 1, "rgn_halving must be in (0, 1]"),
+            (0 <= self.rgn_confidence < 1, "rgn_confidence must be in [0, 1)"),
+            (self.rgn_budget >= 0, "rgn_budget must be >= 0"),
+            (self.rgn_init in RGN_INITS, f"rgn_init must be one of {RGN_INITS}, got {self.rgn_init!r}"),
             (self.select_top_k >= 1, "select_top_k must be >= 1"),
             (self.clip_views >= 1, "clip_views must be >= 1"),
             (self.edit_batch >= 1, "edit_batch must be >= 1"),
+            (
+                self.editor_offload in ("none", "model", "sequential"),
+                (f"editor_offload must be one of ('none', 'model', 'sequential'), "
+                 f"got {self.editor_offload!r}"),
+            ),
+            (
+                self.editor_offload == "none" or self.device != "cpu",
+                ("editor_offload moves the editor's weights between CPU memory and a CUDA GPU: "
+                 "it needs device 'cuda' or 'auto', not 'cpu'"),
+            ),
+            (isinstance(self.vae_tiling, bool), "vae_tiling must be true or false"),
             (
                 self.editor_scheduler in EDITOR_SCHEDULERS,
                 f"editor_scheduler must be one of {EDITOR_SCHEDULERS}, got {self.editor_scheduler!r}",
             ),
             (self.feather >= 0, "feather must be >= 0"),
+            (
+                self.final_render in FINAL_RENDERS,
+                f"final_render must be one of {FINAL_RENDERS}, got {self.final_render!r}",
+            ),
+            (self.render_context >= 0, "render_context must be >= 0"),
             (self.work_size >= self.work_multiple > 0, "need work_size >= work_multiple > 0"),
             ("{prompt}" in self.prompt_template, "prompt_template must contain {prompt}"),
         ]

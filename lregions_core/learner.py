@@ -64,6 +64,8 @@ from lregions_core.images import box_mask, pixel_box
 from lregions_core.interfaces import CandidateScores, Editor, EditRequest, Features, Scorer
 from lregions_core.models.runtime import seeded
 from lregions_core.region_net import RegionNet, box_geometry, pool_proposals
+from lregions_core.region_prior import load_prior
+from lregions_core.search import search
 
 Box = tuple[float, float, float, float]
 
@@ -213,6 +215,14 @@ def choose_regions(
     proposal and keeps each anchor's lowest loss (the upper bound); ``random`` and
     ``dino-random`` pick a size at random (the anchors differ: see :mod:`lregions_core.pipeline`)."""
     n, k, _ = boxes.shape
+    if config.mode == "rgn" and config.estimator == "bayes":
+        prior = None
+        if config.region_prior:
+            prior = load_prior(config.region_prior)
+            prior.check(config)
+        chosen, trace = search(config, features, boxes, size, bank, seed, prior)
+        candidates = bank.fetch([(a, int(chosen[a]), boxes[a, chosen[a]]) for a in range(n)])
+        return RegionOutcome(chosen=chosen, candidates=candidates, trace=trace)
     if config.mode == "rgn":
         return _learn(config, features, boxes, size, bank, seed)
     if config.mode == "exhaustive":

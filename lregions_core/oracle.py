@@ -122,12 +122,19 @@ def make_item(seed: int) -> OracleItem:
 SHAPES_V2 = ("ball", "box", "bar")
 
 
-def make_item_v2(seed: int) -> OracleItem:
+def make_item_v2(seed: int, *, wide: bool = True) -> OracleItem:
     """One item of oracle world v2 (harder than :func:`make_item`, which stays the regression set):
     images of 150 to 1024 pixels on the longer side with aspect ratios up to 3:1 either way, a
     textured low-saturation background, a target that may be a thin bar (3:1 to 5:1), a ball or
     box, or a large blob, sometimes touching the border, and one to four distractors in other
-    palette colours (some larger than the target, so saliency alone cannot tell which is which)."""
+    palette colours (some larger than the target, so saliency alone cannot tell which is which).
+
+    ``wide`` (the default) adds, from a random stream of its own (so the layout above is the same
+    with and without it), what photos show and the layout alone does not: in about half of the
+    items one or two distractors of the target's colour family (a shade 70 to 110 RGB units away:
+    as salient, never the target), in a fifth a second object of the target's colour (the edit
+    must cover both: the target box is their union), and in a quarter an occluder drawn over part
+    of the target. ``wide=False`` gives the narrower items."""
     rng = np.random.default_rng([seed, 11])
     long_side = float(np.exp(rng.uniform(np.log(150), np.log(1024))))
     ratio = rng.uniform(1.0, 3.0)
@@ -182,7 +189,47 @@ def make_item_v2(seed: int) -> OracleItem:
         if box is not None:
             _draw(draw, box, kind, colour)
     _draw(draw, target, shape, target_colour)
+    if wide:
+        _widen(np.random.default_rng([seed, 12]), draw, place, extent, target, target_colour,
+               [names[i] for i in order[2:]])
     return _finish(canvas, target_colour, prompt_colour, shape)
+
+
+def _shade(rng: np.random.Generator, colour: str) -> tuple[int, int, int]:
+    """A colour 70 to 110 RGB units from ``colour`` (its family: outside the judge's tolerance)
+    and at least that far from every other palette colour, so no caption names it."""
+    base = np.array(COLOURS[colour], dtype=float)
+    for _ in range(200):
+        step = rng.normal(size=3)
+        shade = np.clip(base + step / np.linalg.norm(step) * rng.uniform(70, 110), 0, 255)
+        if all(np.linalg.norm(shade - np.array(c)) > COLOUR_TOLERANCE + 20
+               for c in COLOURS.values()):
+            return tuple(int(v) for v in np.rint(shade))  # type: ignore[return-value]
+    return tuple(int(v) for v in base // 2)  # type: ignore[return-value]  # a dark shade
+
+
+def _widen(rng, draw, place, extent, target, target_colour: str, others: list[str]) -> None:
+    """The wide generator's additions (see :func:`make_item_v2`); ``place`` keeps new objects
+    apart from those already placed."""
+    if rng.random() < 0.5:  # distractors of the target's colour family
+        for _ in range(int(rng.integers(1, 3))):
+            kind = SHAPES_V2[int(rng.integers(3))]
+            box = place(*extent(kind, False), border=False)
+            if box is not None:
+                _draw_rgb(draw, box, kind, _shade(rng, target_colour))
+    if rng.random() < 0.2:  # a second object of the target's colour
+        kind = SHAPES_V2[int(rng.integers(3))]
+        box = place(*extent(kind, False), border=False)
+        if box is not None:
+            _draw(draw, box, kind, target_colour)
+    if rng.random() < 0.25 and others:  # an occluder over part of the target
+        x0, y0, x1, y1 = target
+        w, h = x1 - x0, y1 - y0
+        ow, oh = max(2, round(w * rng.uniform(0.25, 0.6))), max(2, round(h * rng.uniform(0.25, 0.6)))
+        ox = x0 + (w - ow if rng.random() < 0.5 else 0) + round(rng.uniform(-0.15, 0.15) * w)
+        oy = y0 + (h - oh if rng.random() < 0.5 else 0) + round(rng.uniform(-0.15, 0.15) * h)
+        colour = others[int(rng.integers(len(others)))]
+        _draw(draw, (ox, oy, ox + ow, oy + oh), SHAPES_V2[int(rng.integers(2))], colour)
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
@@ -225,11 +272,15 @@ def _finish(canvas: Image.Image, target_colour: str, prompt_colour: str, shape: 
 
 
 def _draw(draw: ImageDraw.ImageDraw, box, shape: str, colour: str) -> None:
+    _draw_rgb(draw, box, shape, COLOURS[colour])
+
+
+def _draw_rgb(draw: ImageDraw.ImageDraw, box, shape: str, rgb: tuple[int, int, int]) -> None:
     xy = (box[0], box[1], box[2] - 1, box[3] - 1)
     if shape == "ball":
-        draw.ellipse(xy, fill=COLOURS[colour])
+        draw.ellipse(xy, fill=rgb)
     else:
-        draw.rectangle(xy, fill=COLOURS[colour])
+        draw.rectangle(xy, fill=rgb)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -260,12 +311,17 @@ class SaliencyFeatures:
 
 class Painter:
     """Stands in for the inpainting model: fills the mask with the prompt's colour (plus a little
-    seeded noise, so different seeds give different pixels, as a real editor's would)."""
+    seeded noise, so different seeds give different pixels, as a real editor's would).
+
+    It paints at any size; its ``native_size`` is the working size it is built for
+    (``work_size``), as the real presets' working size is their editor's own resolution (512),
+    so a ``final_render`` "region" render in the oracle world works at that size too."""
 
     name = "oracle-painter"
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, native_size: int = 256) -> None:
         self.steps_per_call = steps
+        self.native_size = int(native_size)
 
     def edit(self, requests: Sequence[EditRequest]) -> list[Image.Image]:
         out = []
@@ -393,7 +449,7 @@ def build_saliency(config: Config) -> SaliencyFeatures:
 
 @EDITORS.register("oracle-painter")
 def build_painter(config: Config) -> Painter:
-    return Painter(config.editor_steps)
+    return Painter(config.editor_steps, native_size=config.work_size)
 
 
 @SEGMENTERS.register("oracle-segmenter")

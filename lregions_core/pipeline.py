@@ -1,6 +1,7 @@
 """The method end to end for one image: features, anchors, proposals, region choice, object
-masks (``region_shape`` mask/auto), selection, paste-back. Each stage is a public function so a
-batch pipeline can cache stages separately; :func:`edit_image` runs them in order.
+masks (``region_shape`` mask/auto), selection, the final render (:func:`render_final`). Each
+stage is a public function so a batch pipeline can cache stages separately; :func:`edit_image`
+runs them in order.
 
 Thread safety: the functions here keep no state between calls, so several photos may go
 through them at once in different threads sharing one :class:`Models` (see
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,16 +33,23 @@ from lregions_core.config import Config
 from lregions_core.images import (
     Matte,
     box_matte,
+    canvas_mask,
     changed_region,
+    crop_canvas,
+    edit_layer,
     input_box,
     mask_matte,
     pixel_box,
     render,
+    render_geometry,
+    render_region,
     to_working,
+    upsample_scale,
 )
 from lregions_core.interfaces import (
     CandidateScores,
     Editor,
+    EditRequest,
     FeatureExtractor,
     Features,
     Scorer,
@@ -51,7 +59,7 @@ from lregions_core.learner import Candidate, CandidateBank, RegionOutcome, choos
 from lregions_core.loading import heavy_import, load_once
 from lregions_core.models.weights import WeightsUnavailableError
 from lregions_core.registry import EDITORS, FEATURE_EXTRACTORS, SCORERS, SEGMENTERS
-from lregions_core.selection import select_best
+from lregions_core.selection import select_best, selection_scores
 
 
 def register_components() -> None:
@@ -131,11 +139,14 @@ class EditResult:
     proposals: np.ndarray  # (N, K, 4) input pixels
     outcome: RegionOutcome
     work_size: tuple[int, int]
-    editor_requests: int
+    editor_requests: int  # edits made to choose the region (the final render's: render_detail)
     denoise_steps: int
     # Why an anchor's box was not refined into a mask (no caption, nothing found): anchor -> why.
     mask_fallbacks: dict[int, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    render: str = "upsample"  # what made ``image``: "upsample" or "region" (see render_final)
+    edit_scale: float = 1.0  # input pixels per editor pixel over the edited region
+    render_detail: dict[str, Any] = field(default_factory=dict)  # see FinalRender.detail
 
     def summary(self) -> dict[str, Any]:
         """A JSON-ready record of the result (no pixels)."""
@@ -156,6 +167,9 @@ class EditResult:
             "editor_requests": self.editor_requests,
             "denoise_steps": self.denoise_steps,
             "work_size": list(self.work_size),
+            "render": self.render,
+            "edit_scale": self.edit_scale,
+            "render_detail": self.render_detail,
             "seconds": self.seconds,
         }
 
@@ -201,6 +215,28 @@ def find_regions(
     bank = new_bank(config, models, work, prompt, source_prompt, seed)
     outcome = choose_regions(config, features, proposals.boxes, work.size, bank, seed)
     return proposals, outcome, bank
+
+
+def calibration_photo(
+    config: Config,
+    models: Models,
+    image: Image.Image,
+    prompt: str,
+    source_prompt: str | None,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """What a region prior learns from one photo: the description of every proposal (N, K, D)
+    and its loss (N, K), every proposal edited (``exhaustive``'s cost)."""
+    from lregions_core.region_prior import describe
+
+    work = to_working(image, config.work_size, config.work_multiple)
+    features = extract_features(work, models)
+    proposals = propose(config, features, work.size, seed)
+    bank = new_bank(config, models, work, prompt, source_prompt, seed)
+    n, k, _ = proposals.boxes.shape
+    every = bank.fetch([(a, j, proposals.boxes[a, j]) for a in range(n) for j in range(k)])
+    losses = np.array([c.loss for c in every], dtype=np.float64).reshape(n, k)
+    return describe(features, proposals.boxes, work.size), losses
 
 
 NO_CAPTION = "no source caption, so nothing to segment: the box is edited"
@@ -311,6 +347,119 @@ def select(config: Config, scores: list[CandidateScores]) -> tuple[int, np.ndarr
     )
 
 
+def editor_native_size(editor: Editor, config: Config) -> int:
+    """The editor's own resolution (longer side, px): its ``native_size``, or the working size
+    for an editor that does not say."""
+    return int(getattr(editor, "native_size", None) or config.work_size)
+
+
+@dataclass
+class FinalRender:
+    """The final image of one edit and how it was made.
+
+    ``render`` is "upsample" (the chosen working-size edit, upsampled bicubically to the input)
+    or "region" (the chosen region edited again from a crop of the input, see
+    :func:`render_final`); ``edit_scale`` is the input pixels per editor pixel of the one used
+    (1.0: the edit is at the photo's own resolution). ``detail`` (JSON-ready) says why that one:
+    ``setting`` (final_render), ``why``, both paths' ``edit_scale_upsample`` and
+    ``edit_scale_region``, the region render's ``native_size``, ``crop``, ``scaled`` and
+    ``canvas`` (see :class:`lregions_core.images.RenderGeometry`), ``editor_requests``, and
+    where both were made, ``scores``: each one's scores at the working size with its
+    ``selection`` score over the pair (None where outside ``select_top_k``)."""
+
+    image: Image.Image
+    layer: Image.Image | None
+    render: str
+    edit_scale: float
+    detail: dict[str, Any]
+
+
+def render_final(
+    config: Config,
+    models: Callable[[], Models],
+    source: Image.Image,
+    work_size: tuple[int, int],
+    edited: Image.Image,
+    box_work: Sequence[float],
+    mask: Image.Image | None,
+    matte: Matte,
+    prompt: str,
+    source_prompt: str | None,
+    seed: int,
+    *,
+    work: Image.Image | None = None,
+    context: Any = None,
+    layer: bool = True,
+) -> FinalRender:
+    """The final image of the chosen candidate (``edited`` at ``work_size``, its box and object
+    mask in working pixels, its ``matte`` on ``source``) by ``config.final_render``.
+
+    "upsample": ``edited`` upsampled to the input and blended by the matte
+    (:func:`lregions_core.images.render`). "region": the chosen region edited again, with the
+    row's prompt and seed, from a crop of the input at up to the editor's own resolution
+    (:func:`lregions_core.images.render_geometry`; the editor repaints the box, or the pixels
+    the object mask's matte reaches), and blended by the same matte. The region render is made
+    only where it is finer than the upsampled edit (smaller ``edit_scale``: not for inputs about
+    the working size or smaller); both final images, brought to the working size as the working
+    image was made, are then scored together (``context``: the scorer's context of the working
+    image ``work``, prepared here when not given) and the selection score over the pair
+    decides; ties keep the region render. ``models`` is called only for a region render."""
+    up_scale = upsample_scale(source.size, work_size)
+    detail: dict[str, Any] = {"setting": config.final_render, "edit_scale_upsample": up_scale,
+                              "edit_scale_region": None, "editor_requests": 0}
+
+    def upsampled(why: str) -> FinalRender:
+        final, final_layer = render(source, edited, work_size, matte, layer=layer)
+        return FinalRender(final, final_layer, "upsample", up_scale, {**detail, "why": why})
+
+    if config.final_render == "upsample":
+        return upsampled("final_render is upsample")
+    box = input_box(source.size, box_work, work_size)
+    if box is None or changed_region(matte) == (0, 0, 0, 0):
+        return upsampled("the edit changes no input pixel")
+    loaded = models()
+    native = editor_native_size(loaded.editor, config)
+    geometry = render_geometry(source.size, box, matte.region, native, config.work_multiple,
+                               config.render_context)
+    detail.update(native_size=native, crop=list(geometry.crop), scaled=list(geometry.scaled),
+                  canvas=list(geometry.canvas), edit_scale_region=geometry.edit_scale)
+    if geometry.edit_scale >= up_scale:
+        return upsampled("the working edit is already as fine as a region edit would be")
+    rx0, ry0, rx1, ry1 = matte.region
+    if mask is None:  # the box: where the working edit repainted
+        paint = np.zeros((ry1 - ry0, rx1 - rx0), bool)
+        x0, y0, x1, y1 = box
+        paint[y0 - ry0 : y1 - ry0, x0 - rx0 : x1 - rx0] = True
+    else:  # the object: every pixel its matte takes any of the edit at
+        paint = matte.alpha > 0
+    request = EditRequest(crop_canvas(source, geometry), canvas_mask(geometry, paint, matte.region),
+                          prompt, seed)
+    region_edit = loaded.editor.edit([request])[0]
+    detail["editor_requests"] = 1
+    final_region, layer_region = render_region(source, region_edit, geometry, matte, layer=layer)
+    final_up, _ = render(source, edited, work_size, matte, layer=False)
+    if work is None:
+        work = to_working(source, config.work_size, config.work_multiple)
+    if context is None:
+        context = loaded.scorer.prepare(work, prompt, source_prompt)
+    scored = [to_working(final, config.work_size, config.work_multiple)
+              for final in (final_region, final_up)]
+    found = loaded.scorer.score(context, scored, [seed, seed])
+    pair = selection_scores(found, text_weight=config.select_text_weight,
+                            image_weight=config.select_image_weight, top_k=config.select_top_k)
+    detail["scores"] = {
+        name: {**vars(sc), "selection": float(sel) if np.isfinite(sel) else None}
+        for name, sc, sel in zip(("region", "upsample"), found, pair)
+    }
+    if pair[0] >= pair[1]:
+        why = "the region render scored at least as well as the upsampled edit"
+        return FinalRender(final_region, layer_region, "region", geometry.edit_scale,
+                           {**detail, "why": why})
+    final_layer = edit_layer(source.size, edited, work_size, matte) if layer else None
+    return FinalRender(final_up, final_layer, "upsample", up_scale,
+                       {**detail, "why": "the region render scored below the upsampled edit"})
+
+
 def edit_image(
     image: Image.Image,
     prompt: str,
@@ -359,14 +508,16 @@ def edit_image(
     best, selection = select(config, [c.scores for c in candidates])
     chosen = candidates[best]
     matte = candidate_matte(config, source.size, chosen.box, work.size, chosen.mask)
-    final, layer = render(source, chosen.image, work.size, matte)
+    rendered = render_final(
+        config, lambda: models, source, work.size, chosen.image, chosen.box, chosen.mask, matte,
+        prompt, source_prompt, seed, work=work, context=bank.context)
     lap("compose")
     to_input = np.array(
         [source.width / work.width, source.height / work.height] * 2, dtype=np.float64
     )
     return EditResult(
-        image=final,
-        layer=layer,
+        image=rendered.image,
+        layer=rendered.layer,  # type: ignore[arg-type]  # made with layer=True
         box=input_box(source.size, chosen.box, work.size) or (0, 0, 0, 0),
         changed_region=changed_region(matte),
         chosen=best,
@@ -380,4 +531,7 @@ def edit_image(
         denoise_steps=bank.denoise_steps,
         mask_fallbacks=fallbacks,
         seconds=seconds,
+        render=rendered.render,
+        edit_scale=rendered.edit_scale,
+        render_detail=rendered.detail,
     )

@@ -33,13 +33,13 @@ from lregions_core.images import (
     input_box,
     load_image,
     read_source,
-    render,
     to_working,
 )
 from lregions_core.interfaces import CandidateScores, Features
 from lregions_core.loading import heavy_import
 from lregions_core.manifest import ManifestRow
 from lregions_core.metrics import METRICS
+from lregions_core.region_prior import load_prior
 from lregions_core.store import Store, encode_png
 
 FEATURE_SETTINGS = (
@@ -49,25 +49,30 @@ FEATURE_SETTINGS = (
 REGION_SETTINGS = FEATURE_SETTINGS + (
     "scorer", "clip_model", "clip_pretrained", "clip_kwargs", "clip_views",
     "clip_structure_layer", "editor", "editor_model", "editor_steps", "guidance_scale",
-    "editor_scheduler",
+    "editor_scheduler", "vae_tiling",
     "prompt_template", "editor_kwargs", "num_anchors", "anchor_rule", "anchor_spread",
     "anchor_refine",
     "num_proposals", "proposal_min", "proposal_max", "proposal_aspects", "proposal_spacing",
     "oracle_noise", "mode", "roi_size", "rgn_hidden",
     "iterations", "lr", "tau", "estimator", "rgn_context", "rgn_steps", "rgn_sampling",
-    "rgn_settle", "rgn_focus", "rgn_warmup", "rgn_patience", "rgn_final", "w_clip", "w_dir", "w_str",
+    "rgn_settle", "rgn_focus", "rgn_warmup", "rgn_patience", "rgn_final", "rgn_noise",
+    "rgn_acquisition", "rgn_kappa", "rgn_halving", "rgn_confidence", "rgn_budget", "rgn_init",
+    "region_prior", "w_clip", "w_dir", "w_str",
 )
 # The object masks inside each anchor's box and their edits (region_shape mask/auto); mask and
 # auto share them, region_shape itself decides only what selection sees.
 MASK_SETTINGS = ("segmenter", "segmenter_model", "segmenter_kwargs", "mask_threshold", "mask_grow")
 SELECT_SETTINGS = ("region_shape", "select_text_weight", "select_image_weight", "select_top_k")
-OUTPUT_SETTINGS = ("feather", "keep_candidates", "keep_layers")
+# The final render: with final_render "region" the editor and the scorer run again here, on the
+# models the regions stage's settings name (part of the item key through the regions key).
+OUTPUT_SETTINGS = ("feather", "keep_candidates", "keep_layers", "final_render", "render_context")
 # What an item folder holds and how result.json refers to pixels. Part of the item key: items
 # written in an older layout are written again (features and regions are reused).
 ITEM_LAYOUT = 3
 # Settings that change where or how fast work runs, not its result.
 OPERATIONAL_SETTINGS = (
     "device", "dtype", "weights_dir", "edit_batch", "vae_slicing", "compile_unet", "seed",
+    "editor_offload",
 )
 STAGE_SETTINGS = {
     "features": FEATURE_SETTINGS,
@@ -103,8 +108,10 @@ def plan(row: ManifestRow, image_hash: str, config: Config) -> dict:
     """Every stage's cache key for one row, from hashes alone (no model runs): a rerun can tell
     a finished item without loading any model."""
     features_key = stage_key("features", config, image_hash)
+    # A region prior enters by its content (its digest), not only its location.
+    prior = [load_prior(config.region_prior).digest] if config.region_prior else []
     regions_key = stage_key("regions", config, features_key, row.prompt, row.source,
-                            row_seed(row, config))
+                            row_seed(row, config), *prior)
     masks_key = stage_key("masks", config, regions_key) if config.region_shape != "box" else None
     return {
         "features_key": features_key,
@@ -377,12 +384,19 @@ def resolve_ref(items: str, item_id: str, ref: str) -> str:
 
 
 def outputs(
-    row: ManifestRow, state: dict, config: Config, store: Store, items: str = "items"
+    row: ManifestRow, state: dict, config: Config, store: Store, items: str = "items",
+    models: Callable | None = None,
 ) -> dict:
     """``<items>/<id>/``: overlay, edit layer (``keep_layers``), final image, then result.json
     (last, so its presence means the item is complete). The input, the candidates and the chosen
     object mask are referred to, not copied. ``final_path`` is relative to the folder holding
-    ``items`` (where that run's index goes)."""
+    ``items`` (where that run's index goes).
+
+    The final image is rendered by ``final_render`` (:func:`pipeline.render_final`); a
+    "region" render edits the chosen region again with the process's shared models
+    (``models``, called only then; by default :func:`pipeline.shared_models`), and
+    result.json says which render made the final image (``render``), its ``edit_scale`` and
+    why (``render_detail``)."""
     item = f"{items}/{row.id}"
     cands, found, refined = candidates_of(state, config, store)
     source = store.read_png(state["image_path"])
@@ -392,7 +406,11 @@ def outputs(
     edited = store.read_png(best["path"])
     mask = store.read_png(best["mask_path"], mode="L") if best["mask_path"] else None
     matte = pipeline.candidate_matte(config, source.size, best["box"], work_size, mask)
-    final, layer = render(source, edited, work_size, matte, layer=config.keep_layers)
+    rendered = pipeline.render_final(
+        config, models or (lambda: pipeline.shared_models(config)), source, work_size, edited,
+        best["box"], mask, matte, row.prompt, row.source, row_seed(row, config),
+        layer=config.keep_layers)
+    final, layer = rendered.image, rendered.layer
     to_input = [source.width / work_size[0], source.height / work_size[1]] * 2
     boxes_in = [[v * s for v, s in zip(c["box"], to_input)] for c in cands]
     anchors_in = np.asarray(found["anchors"]) * np.asarray(to_input[:2])
@@ -425,6 +443,11 @@ def outputs(
         # anchor -> why its box was not refined into a mask (no caption, nothing found)
         "mask_fallbacks": fallbacks,
         "layer": "layer.png" if config.keep_layers else None,
+        # what made final.png: "upsample" (the working edit upsampled) or "region" (the chosen
+        # region edited again from the input), and input pixels per editor pixel over the edit
+        "render": rendered.render,
+        "edit_scale": rendered.edit_scale,
+        "render_detail": rendered.detail,
         "chosen": chosen,
         "scores": best["scores"],
         "loss": best["loss"],

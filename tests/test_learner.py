@@ -41,7 +41,7 @@ class CountingEditor:
 @pytest.fixture(scope="module")
 def world():
     item = oracle.make_item(3)
-    cfg = make_config("oracle")
+    cfg = make_config("oracle", {"estimator": "regression"})  # the region network's learners
     work = images.to_working(item.image, cfg.work_size, cfg.work_multiple)
     feats = oracle.SaliencyFeatures()(work)
     scorer = oracle.OracleScorer()

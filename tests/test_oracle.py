@@ -24,8 +24,10 @@ ITEMS = 24
 def world_results():
     items = [oracle.make_item(i) for i in range(ITEMS)]
     out = {}
-    for mode in ("rgn", "exhaustive", "dino-random", "random"):
-        config = make_config("oracle", {"mode": mode})
+    runs = {mode: {"mode": mode} for mode in ("rgn", "exhaustive", "dino-random", "random")}
+    runs["rgn-network"] = {"mode": "rgn", "estimator": "regression"}  # the region network
+    for mode, settings in runs.items():
+        config = make_config("oracle", settings)
         models = Models.load(config)
         rows = []
         for i, item in enumerate(items):
@@ -66,13 +68,14 @@ def test_ablation_baselines_are_clearly_worse(world_results):
 
 
 def test_region_network_learns(world_results):
-    for row in world_results["rgn"]:
+    for row in world_results["rgn-network"]:
         assert row["param_change"] > 0
         outcome = row["result"].outcome
         assert not np.allclose(outcome.probs, outcome.initial_probs)
     # learned boxes beat the same anchors' untrained (uniform) policy on the losses it saw
-    first = np.mean([r["result"].outcome.trace[0]["expected_loss"] for r in world_results["rgn"]])
-    last = np.mean([r["result"].outcome.trace[-1]["expected_loss"] for r in world_results["rgn"]])
+    rows = world_results["rgn-network"]
+    first = np.mean([r["result"].outcome.trace[0]["expected_loss"] for r in rows])
+    last = np.mean([r["result"].outcome.trace[-1]["expected_loss"] for r in rows])
     assert last < first
 
 

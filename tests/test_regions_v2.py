@@ -1,12 +1,13 @@
-"""The region-choice targets on oracle world v2, ``oracle`` preset: the proposals can fit the
-targets (``exhaustive`` mean box IoU >= 0.65), learned regions get near that bound with far fewer
-edits (``rgn`` >= 0.95 of ``exhaustive`` with <= 60% of its editor calls), are clearly better than
-DINO anchors with random sizes (>= 0.10 above ``dino-random``), and hold up under a judge about as
-unreliable as CLIP (``rgn`` with ``oracle_noise`` = ``CLIP_LIKE_NOISE`` >= 0.90 of noise-free
-``exhaustive``).
+"""The region-choice targets on oracle world v2 (the wide generator), ``oracle`` preset, on 100
+held-out items: the proposals can fit the targets (``exhaustive`` mean box IoU >= 0.5), the
+Bayesian search gets near that bound with far fewer edits (``rgn`` >= 0.95 of ``exhaustive`` with
+<= 40% of its editor calls), is clearly better than DINO anchors with random sizes (>= 0.10
+above ``dino-random``), and holds up under a judge about as unreliable as CLIP (``rgn`` with
+``oracle_noise`` = ``CLIP_LIKE_NOISE`` >= 0.90 of noise-free ``exhaustive``).
 
-The items are seeds 2000.. of the v2 generator: neither the manifest (seeds 0..35) nor the items
-the defaults were tuned on (seeds 1000..1029) are among them.
+The items are seeds 2000..2099 of the v2 generator: the search settings were chosen on seeds
+1000..1099, the region priors are fitted on seeds 7000.., and the benchmark's evaluation uses
+seeds 20000.. (``benchmarks/bench_regions.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from lregions_core.anchors import box_iou
 from lregions_core.config import REGION_CHOICE_KEYS, make_config
 from lregions_core.pipeline import Models, edit_image
 
-SEEDS = range(2000, 2032)
+SEEDS = range(2000, 2100)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,7 @@ def results(items):
 
 
 def test_items_span_sizes_aspect_ratios_and_shapes(items):
-    assert len(items) >= 30
+    assert len(items) >= 100
     longer = np.array([max(i.image.size) for i in items])
     ratio = np.array([max(i.image.size) / min(i.image.size) for i in items])
     assert longer.min() < 300 and longer.max() > 600
@@ -56,13 +57,13 @@ def test_items_span_sizes_aspect_ratios_and_shapes(items):
 
 
 def test_exhaustive_upper_bound_fits_the_targets(results):
-    assert results["exhaustive"]["iou"] >= 0.65, results
+    assert results["exhaustive"]["iou"] >= 0.5, results
 
 
 def test_rgn_reaches_the_bound_with_fewer_edits(results):
     rgn, exhaustive = results["rgn"], results["exhaustive"]
     assert rgn["iou"] >= 0.95 * exhaustive["iou"], results
-    assert rgn["calls"] <= 0.60 * exhaustive["calls"], results
+    assert rgn["calls"] <= 0.40 * exhaustive["calls"], results
 
 
 def test_rgn_beats_dino_random(results):
@@ -81,14 +82,13 @@ def _method(preset: str) -> dict:
     return {key: getattr(config, key) for key in REGION_CHOICE_KEYS}
 
 
-@pytest.mark.parametrize("preset", ["default", "fast"])
-def test_preset_region_choice_beats_the_papers_at_a_like_cost(items, preset):
-    # What the oracle-world ablation chose for the real-model presets, against the reference's
-    # proposals and learner at the same budget (anchors, iterations), on held-out items (measured
-    # 2026-11-22: default 0.705 vs 0.470 IoU for 38.3 vs 37.0 calls; fast 0.521 vs 0.420 for
-    # 29.0 vs 30.9).
-    chosen = _run(items[:16], **_method(preset))
+@pytest.mark.parametrize(("preset", "calls"), [("default", 19.8), ("fast", 12.0)])
+def test_preset_region_choice_beats_the_papers_for_a_fraction_of_its_edits(items, preset, calls):
+    # The real-model presets' search (their anchors, proposals and edit caps) against the
+    # reference's proposals and learner with the same anchors and iterations, on held-out items:
+    # better boxes for at most 0.2 (default) and 0.12 (fast) of the reference's 99 edits.
+    chosen = _run(items[:40], **_method(preset))
     budget = {k: getattr(make_config(preset), k) for k in ("num_anchors", "iterations")}
-    paper = _run(items[:16], **{**_method("reference"), **budget})
+    paper = _run(items[:40], **{**_method("reference"), **budget})
     assert chosen["iou"] >= paper["iou"] + 0.05, (chosen, paper)
-    assert chosen["calls"] <= 1.3 * paper["calls"], (chosen, paper)
+    assert chosen["calls"] <= calls < paper["calls"], (chosen, paper)
