@@ -146,27 +146,31 @@ def _cmd_download(args: argparse.Namespace) -> int:
 def _cmd_fit_regions(args: argparse.Namespace) -> int:
     """Edit every proposal of each manifest row (``exhaustive``), fit a region prior on the
     losses and write it to ``--out``; rows that fail are named and skipped."""
-    from lregions_core.images import ImageLoadError, load_image
+    from lregions_core.images import ImageLoadError, load_image, to_working
     from lregions_core.manifest import read_manifest
     from lregions_core.pipeline import Models, calibration_photo
-    from lregions_core.region_prior import fit, save_prior
+    from lregions_core.region_prior import fit, prompt_embedding, save_prior
 
     config = make_config(args.preset, None, args.set)
     rows = [row for row in read_manifest(args.manifest) if row.error is None]
     rows = rows[: args.limit] if args.limit else rows
     models = Models.load(config)
-    photos, failed = [], 0
+    photos, failed, text_dims = [], 0, 0
     for i, row in enumerate(rows, 1):
         try:
             image = load_image(row.image)
             photos.append(calibration_photo(config, models, image, row.prompt, row.source,
                                             config.seed if row.seed is None else row.seed))
+            if len(photos) == 1:  # the prompt embedding's width (the descriptions' last columns)
+                work = to_working(image, config.work_size, config.work_multiple)
+                text = prompt_embedding(models.scorer.prepare(work, row.prompt, row.source))
+                text_dims = 0 if text is None else text.size
         except (ImageLoadError, ValueError) as exc:
             failed += 1
             print(f"skipped row {row.row} ({row.id}): {exc}", file=sys.stderr)
         if i % 25 == 0 or i == len(rows):
             print(f"calibrated {len(photos)} of {i} rows", flush=True)
-    prior = fit(photos, config, seed=args.seed)
+    prior = fit(photos, config, seed=args.seed, text_dims=text_dims)
     meta = save_prior(prior, args.out)
     print(f"region prior -> {args.out} (digest {meta['digest']}): {meta['photos']} photos, "
           f"{meta['boxes']} boxes; within-anchor correlation on {meta['heldout_photos']} "

@@ -225,9 +225,10 @@ def calibration_photo(
     source_prompt: str | None,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """What a region prior learns from one photo: the description of every proposal (N, K, D)
-    and its loss (N, K), every proposal edited (``exhaustive``'s cost)."""
-    from lregions_core.region_prior import describe
+    """What a region prior learns from one photo: the description of every proposal (N, K, D;
+    the prompt's embedding last, where the scorer gives one) and its loss (N, K), every proposal
+    edited (``exhaustive``'s cost)."""
+    from lregions_core.region_prior import describe, prompt_embedding
 
     work = to_working(image, config.work_size, config.work_multiple)
     features = extract_features(work, models)
@@ -236,7 +237,7 @@ def calibration_photo(
     n, k, _ = proposals.boxes.shape
     every = bank.fetch([(a, j, proposals.boxes[a, j]) for a in range(n) for j in range(k)])
     losses = np.array([c.loss for c in every], dtype=np.float64).reshape(n, k)
-    return describe(features, proposals.boxes, work.size), losses
+    return describe(features, proposals.boxes, work.size, prompt_embedding(bank.context)), losses
 
 
 NO_CAPTION = "no source caption, so nothing to segment: the box is edited"

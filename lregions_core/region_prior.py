@@ -15,7 +15,9 @@ What a box is described by (:func:`describe`), from the feature extractor's outp
   around it (the box enlarged twice about its centre, minus the box), their difference and log
   ratio, the share of the image's attention inside, the box's share of the image's area, and how
   the box's contrast compares with its anchor's best (boxes are ranked within an anchor);
-* the mean (standardised) patch features inside the box and inside its enlarged box.
+* the mean (standardised) patch features inside the box and inside its enlarged box;
+* the prompt's embedding, where the scorer gives one (CLIP's text embedding), so the prior can
+  learn that "a hat" wants other boxes than "a car".
 
 Both rankings below order the boxes *within* each anchor: which anchor sits on what the prompt is
 about is for the edits to find out.
@@ -91,9 +93,23 @@ def _rects(boxes: np.ndarray, width: int, height: int) -> np.ndarray:
     return r
 
 
-def describe(features: Features, boxes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def prompt_embedding(context: object) -> np.ndarray | None:
+    """The prompt's embedding from a scorer's shared context, when the scorer has one (CLIP's
+    ``text_embedding``), as float32 on the CPU; None otherwise (the oracle scorer)."""
+    value = getattr(context, "text_embedding", None)
+    if value is None:
+        return None
+    if hasattr(value, "detach"):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32).reshape(-1)
+
+
+def describe(
+    features: Features, boxes: np.ndarray, size: tuple[int, int], text: np.ndarray | None = None
+) -> np.ndarray:
     """(N, K, D) description of every proposal ``boxes`` (N, K, 4, working pixels) of a working
-    image of ``size`` (see the module docstring for the columns)."""
+    image of ``size`` (see the module docstring for the columns), followed by the prompt's
+    embedding ``text`` when there is one (the same for every box)."""
     width, height = size
     n, k, _ = boxes.shape
     flat = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
@@ -129,7 +145,10 @@ def describe(features: Features, boxes: np.ndarray, size: tuple[int, int]) -> np
     pooled = pool_proposals(features.patches, np.asarray(boxes, dtype=np.float32), size, 3,
                             context=1.0)  # (N, K, 2C, 3, 3): inside, then the enlarged box
     means = pooled.mean(dim=(3, 4)).reshape(n * k, -1).numpy().astype(np.float64)
-    return np.concatenate([base, means], axis=1).reshape(n, k, -1).astype(np.float32)
+    parts = [base, means]
+    if text is not None:
+        parts.append(np.broadcast_to(np.asarray(text, np.float64).reshape(1, -1), (n * k, text.size)))
+    return np.concatenate(parts, axis=1).reshape(n, k, -1).astype(np.float32)
 
 
 def objectness(description: np.ndarray) -> np.ndarray:
@@ -258,9 +277,11 @@ def fit(
     epochs: int = 60,
     heldout: float = 0.2,
     seed: int = 0,
+    text_dims: int = 0,
 ) -> RegionPrior:
     """Fit a prior on ``photos``: (description (N, K, D), losses (N, K)) pairs from runs that
-    edited every proposal. The prior learns the order of boxes *within* an anchor (losses
+    edited every proposal; ``text_dims``: how many of the last description columns are the
+    prompt's embedding (0 without one). The prior learns the order of boxes *within* an anchor (losses
     standardised per anchor) on the relevant anchors (:func:`relevant_anchors`); which anchor is
     right is left to the edits. A ``heldout`` share of the photos measures how well it ranks
     photos it was not fitted on (its :attr:`RegionPrior.weight`); the prior returned is then
@@ -283,6 +304,8 @@ def fit(
 
     correlation = _correlation(fitted(train, None), test)
     prior = fitted(photos, correlation)
+    text_dims = int(text_dims)
+    patches = prior.mean.shape[0] - len(BASE_COLUMNS) - text_dims
     meta = {
         "format": PRIOR_FORMAT,
         "settings": {key: getattr(config, key) for key in PRIOR_SETTINGS},
@@ -293,8 +316,9 @@ def fit(
         "boxes": int(sum(loss.size for _, loss in photos)),
         "heldout_photos": len(test),
         "heldout_correlation": correlation,
-        "columns": list(BASE_COLUMNS) + [f"patch_{i}" for i in range(prior.mean.shape[0]
-                                                                      - len(BASE_COLUMNS))],
+        "columns": list(BASE_COLUMNS) + [f"patch_{i}" for i in range(patches)]
+        + [f"prompt_{i}" for i in range(text_dims)],
+        "prompt_dims": text_dims,
         "hidden": hidden,
         "epochs": epochs,
         "seed": seed,

@@ -388,6 +388,25 @@ def _bars(folder: _Folder, frame: pd.DataFrame, key: str, name: str, title: str)
     return _save(fig, folder, name)
 
 
+def _cost_curve(folder: _Folder, table: pd.DataFrame) -> str | None:
+    """Every cell's mean box IoU against its mean editor calls per row: the region methods'
+    quality for their cost, in one plot."""
+    needed = {"box_iou", "editor_requests", "cell"}
+    if not needed <= set(table.columns) or not table["box_iou"].notna().any():
+        return None
+    points = table.dropna(subset=["box_iou", "editor_requests"])
+    fig, (ax,) = _figure(7.5, 4.8)
+    ax.scatter(points["editor_requests"].astype(float), points["box_iou"].astype(float), s=22)
+    for _, row in points.iterrows():
+        ax.annotate(str(row["cell"]), (float(row["editor_requests"]), float(row["box_iou"])),
+                    fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set(xlabel="editor calls per row (log)", ylabel="box IoU with the target",
+           title="box IoU against editor calls, one point per cell")
+    ax.grid(alpha=0.3)
+    return _save(fig, folder, "iou_vs_calls.png")
+
+
 def _ablation_page(folder: _Folder, table: pd.DataFrame, title: str) -> str:
     tables = _ablation_tables(table)
     ok = int(table.get("ok", pd.Series(dtype=int)).sum())
@@ -417,6 +436,9 @@ def _ablation_page(folder: _Folder, table: pd.DataFrame, title: str) -> str:
         body.append(f"<h2>Anchors x proposals</h2><p class='muted'>{_e(note)}</p>")
         body += [f"<h3>{_e(k.split(': ', 1)[1])}</h3>" + _table(tables[k]) for k in grids]
         body.append(_img(heat, "anchors x proposals heatmaps") if heat else "")
+    curve = _cost_curve(folder, table)
+    if curve:
+        body += ["<h2>Box IoU against editor calls</h2>", _img(curve, "box IoU against calls")]
     if REGION_METHODS in tables:
         body += [(f"<h2>{REGION_METHODS}</h2>"
                   f"<p class='muted'>{_e(tables[REGION_METHODS].attrs['note'])}</p>"),

@@ -42,7 +42,7 @@ import numpy as np
 
 from lregions_core.config import Config
 from lregions_core.interfaces import Features
-from lregions_core.region_prior import RegionPrior, describe, objectness
+from lregions_core.region_prior import RegionPrior, describe, objectness, prompt_embedding
 
 # The kernel's parts, in units of the observed losses' standard deviation (each round's losses
 # are standardised). The anchor offset carries most of the spread (which object an anchor sits
@@ -100,16 +100,17 @@ class LossModel:
 
 
 def box_ranking(config: Config, features: Features, boxes: np.ndarray, size: tuple[int, int],
-                prior: RegionPrior | None) -> tuple[np.ndarray, float]:
+                prior: RegionPrior | None, text: np.ndarray | None = None
+                ) -> tuple[np.ndarray, float]:
     """(N, K) predicted loss of every box before any edit (standardised within each anchor) and
     how far to trust it (0..0.95): the region prior's, else ``rgn_init``'s."""
     n, k, _ = boxes.shape
     if prior is None and config.rgn_init == "uniform":
         return np.zeros((n, k)), 0.0
-    description = describe(features, boxes, size)
     if prior is not None:
-        return prior.predict(description), prior.weight
-    return objectness(description), OBJECTNESS_WEIGHT
+        text = text if prior.meta.get("prompt_dims") else None
+        return prior.predict(describe(features, boxes, size, text)), prior.weight
+    return objectness(describe(features, boxes, size)), OBJECTNESS_WEIGHT
 
 
 def search(
@@ -124,7 +125,8 @@ def search(
     """Each anchor's chosen proposal (N,) after the search, and one trace record per round.
     Edits go through ``bank`` (a :class:`~lregions_core.learner.CandidateBank`)."""
     n, k, _ = boxes.shape
-    ranking, weight = box_ranking(config, features, boxes, size, prior)
+    ranking, weight = box_ranking(config, features, boxes, size, prior,
+                                  prompt_embedding(bank.context))
     model = LossModel(boxes, ranking, weight, config.rgn_noise)
     rng = np.random.default_rng([seed, 7])
     budget = config.rgn_budget or config.iterations * n

@@ -47,6 +47,9 @@ def test_grid_shares_features_and_orders_modes(prefect_server, tmp_path):
         assert (cell_index["status"] == "ok").all()
         assert (out / "cells" / cell / "items").is_dir()
     assert (out / "report.html").is_file()
+    page = (out / "report.html").read_text()
+    assert "Box IoU against editor calls" in page  # every cell on one quality-for-cost plot
+    assert list(out.rglob("iou_vs_calls.png"))
 
 
 def test_bad_grid_is_a_usage_error(tmp_path):

@@ -125,3 +125,35 @@ def test_a_stricter_confidence_and_no_halving_spend_more_edits():
 def test_bad_search_settings_are_refused(key, value):
     with pytest.raises(ConfigError, match=key):
         make_config("oracle", {key: value})
+
+
+def test_a_prior_with_the_prompts_embedding_runs_with_clip(tmp_path):
+    # CLIP's scorer gives a prompt embedding: the prior's descriptions end with it, the prior
+    # records its width, and a search with that prior runs end to end (tiny models)
+    from skimage import data
+
+    from lregions_core.images import to_working
+    from lregions_core.pipeline import Models, calibration_photo, edit_image
+    from lregions_core.region_prior import fit, load_prior, prompt_embedding, save_prior
+
+    config = make_config("tiny", {"num_anchors": 3})
+    models = Models.load(config)
+    photo = images.Image.fromarray(data.chelsea()).convert("RGB")
+    work = to_working(photo, config.work_size, config.work_multiple)
+    text = prompt_embedding(models.scorer.prepare(work, "a red hat", "a cat"))
+    assert text is not None and text.ndim == 1
+    item = oracle.make_item(1)
+    assert prompt_embedding(oracle.OracleScorer().prepare(
+        item.image, item.prompt, item.source_prompt)) is None
+    photos = [calibration_photo(config, models, photo.rotate(90 * i, expand=True), prompt, "a cat", i)
+              for i, prompt in enumerate(["a red hat", "a dog", "a hat", "a car", "a tree"])]
+    description, losses = photos[0]
+    np.testing.assert_allclose(description[..., -text.size:], np.broadcast_to(
+        text, description.shape[:2] + text.shape), rtol=1e-6)
+    assert losses.shape == description.shape[:2]
+    save_prior(fit(photos, config, text_dims=text.size, epochs=2), str(tmp_path / "prior"))
+    prior = load_prior(str(tmp_path / "prior"))
+    assert prior.meta["prompt_dims"] == text.size
+    result = edit_image(photo, "a red hat", source_prompt="a cat", models=models, seed=0,
+                        config=config.replace(region_prior=str(tmp_path / "prior")))
+    assert 3 <= result.editor_requests <= config.rgn_budget

@@ -158,9 +158,10 @@ class FluxFillEditor(DiffusersEditor):
     conditioned on (the model card uses 30), not classifier-free guidance, so there is no
     negative prompt and each request goes through the transformer once per step.
 
-    Licence: FLUX.1 Fill [dev]'s weights are under the FLUX.1 [dev] Non-Commercial License; its
-    outputs may not be used commercially under it. The repository is gated: accept the licence
-    on its Hugging Face page and log in before ``lregions download``.
+    Licence: FLUX.1 Fill [dev]'s weights are under the FLUX.1 [dev] Non-Commercial License: the
+    model is for non-commercial use; read the licence for what it says about outputs. The
+    repository is gated: accept the licence on its Hugging Face page and log in before
+    ``lregions download``.
 
     Options that apply: ``compile_unet`` (the transformer), ``vae_slicing``, ``vae_tiling``,
     ``editor_offload``. ``editor_scheduler`` must be "default" (flow-matching Euler;
