@@ -161,11 +161,10 @@ class Config:
     # Each anchor's box after learning: "policy" (most probable box, edited if it was never
     # tried) or "tried" (most probable among the edited boxes: no edit after learning).
     rgn_final: str = "policy"
-    # --- the Bayesian search (estimator "bayes"): a loss model over all proposals with a noise
-    # term, boxes chosen by their predicted loss and its uncertainty, anchors dropped as soon as
-    # they cannot win (see lregions_core.search). The settings below apply to it alone. ---
-    # The judge's noise: standard deviation of a loss's error, as a fraction of the spread of the
-    # losses of one photo's edits (0 = trust every loss exactly).
+    # --- the Bayesian box search (estimator "bayes") -------------------------------------------
+    # The judge's noise in the search's loss model (a Gaussian process over all proposals): the
+    # standard deviation of a loss's error, as a fraction of the spread of the losses of one
+    # photo's edits (0 = trust every loss exactly).
     rgn_noise: float = 0.3
     # Which untried box an anchor edits next: "lcb" (lowest predicted loss minus rgn_kappa
     # standard deviations) or "thompson" (lowest loss in one draw from the loss model).

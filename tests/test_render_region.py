@@ -181,9 +181,11 @@ def assert_final(source: Image.Image, final: Image.Image, layer: Image.Image | N
 
 # -- end to end: the library ----------------------------------------------------------------------
 def editor_config(editor: str, **changes) -> Config:
-    """The tiny preset (final_render "region", from the default preset) with ``editor``."""
+    """The tiny preset (final_render "region", from the default preset) with ``editor``; the
+    oracle preset (which upsamples by default) with final_render "region" for the painter."""
     if editor == "oracle-painter":
-        return make_config("oracle", {"num_anchors": 3, "iterations": 2, **changes})
+        return make_config("oracle", {"num_anchors": 3, "iterations": 2,
+                                      "final_render": "region", **changes})
     if editor not in EDITORS.names():
         pipeline.register_components()
     if editor not in EDITORS.names():
@@ -249,7 +251,7 @@ def check_result(result, source: Image.Image, config: Config, models: Models) ->
 ])
 def test_region_render_end_to_end(editor, long_side, landscape, region_kept):
     config = editor_config(editor)
-    assert config.final_render == "region"  # from the default preset
+    assert config.final_render == "region"
     models = models_of(config)
     source = synthetic(*size_of(long_side, landscape))
     result = edit_image(source, PROMPT, source_prompt=SOURCE, config=config, models=models,
@@ -362,7 +364,7 @@ def test_final_render_keys_the_outputs_not_the_regions():
     assert "final_render" not in stages.STAGE_SETTINGS["regions"]
     assert {"final_render", "render_context"} <= set(stages.OUTPUT_SETTINGS)
     row = ManifestRow(row=1, id="a", image="a.png", prompt=PROMPT, source=SOURCE)
-    region = stages.plan(row, "hash", make_config("oracle"))
+    region = stages.plan(row, "hash", make_config("oracle", {"final_render": "region"}))
     upsample = stages.plan(row, "hash", make_config("oracle", {"final_render": "upsample"}))
     assert region["regions_key"] == upsample["regions_key"]
     assert region["features_key"] == upsample["features_key"]

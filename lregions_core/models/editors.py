@@ -229,7 +229,7 @@ def _check_offload(config: Config, device: torch.device) -> None:
     if importlib.util.find_spec("accelerate") is None:
         raise ImportError(
             f"editor_offload={config.editor_offload!r} needs the accelerate package: "
-            f"pip install 'accelerate>=0.17'"
+            f"pip install 'lregions[offload]' (accelerate>=0.17)"
         )
 
 
