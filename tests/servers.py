@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -233,3 +235,22 @@ def wait_until(done, timeout: float, what: str, process: subprocess.Popen | None
                    else f"not {what} within {timeout} s")
             raise AssertionError(f"{why}:\n{tail}")
         time.sleep(0.1)
+
+
+def moto_recorder(endpoint: str, action: str) -> list[dict]:
+    """moto's request recorder: reset, start, stop or download (the recorded requests)."""
+    if action == "download":
+        with urllib.request.urlopen(f"{endpoint}/moto-api/recorder/download-recording",
+                                    timeout=30) as answer:
+            text = answer.read().decode()
+        # One JSON object per request; concurrent requests may share a line, so read them as a
+        # stream of objects rather than line by line.
+        decoder, found, at = json.JSONDecoder(), [], 0
+        while (at := re.compile(r"\s*").match(text, at).end()) < len(text):
+            record, at = decoder.raw_decode(text, at)
+            found.append(record)
+        return found
+    request = urllib.request.Request(f"{endpoint}/moto-api/recorder/{action}-recording",
+                                     method="POST")
+    urllib.request.urlopen(request, timeout=30).close()
+    return []

@@ -12,6 +12,7 @@ from lregions_core.interfaces import Editor, EditRequest
 from lregions_core.models import editors
 from lregions_core.models.download import download_preset_weights
 from lregions_core.models.weights import WeightsUnavailableError
+from lregions_core.pipeline import register_components
 from lregions_core.registry import EDITORS
 
 # Only the editors this module registers (others, e.g. "oracle-painter", are tested elsewhere).
@@ -39,6 +40,17 @@ def pixels(image: Image.Image) -> np.ndarray:
 
 @pytest.fixture(params=DIFFUSERS_EDITORS)
 def editor(request):
+    return EDITORS.build(request.param, tiny_config(request.param))
+
+
+# The contract every diffusers editor keeps (sizes, determinism, batching); the 1024 px editors'
+# own behaviour is in test_editors_xl.py.
+EVERY_EDITOR = (*DIFFUSERS_EDITORS, "sdxl-inpaint", "flux-fill")
+
+
+@pytest.fixture(params=EVERY_EDITOR)
+def any_editor(request):
+    register_components()
     return EDITORS.build(request.param, tiny_config(request.param))
 
 
@@ -77,32 +89,32 @@ def test_non_square_output(editor):
         assert image.mode == "RGB" and image.size == (96, 64)
 
 
-def test_mixed_sizes_keep_order(editor):
+def test_mixed_sizes_keep_order(any_editor):
     sizes = [(96, 64), (64, 64), (64, 96), (96, 64), (48, 32)]
-    outputs = editor.edit([request(w, h, seed=i) for i, (w, h) in enumerate(sizes)])
+    outputs = any_editor.edit([request(w, h, seed=i) for i, (w, h) in enumerate(sizes)])
     assert [image.size for image in outputs] == sizes
     assert all(image.mode == "RGB" for image in outputs)
-    assert editor.edit([]) == []
+    assert any_editor.edit([]) == []
 
 
-def test_deterministic_and_seed_dependent(editor):
-    first = pixels(editor.edit([request(96, 64, seed=7)])[0])
-    again = pixels(editor.edit([request(96, 64, seed=7)])[0])
-    other = pixels(editor.edit([request(96, 64, seed=8)])[0])
+def test_deterministic_and_seed_dependent(any_editor):
+    first = pixels(any_editor.edit([request(96, 64, seed=7)])[0])
+    again = pixels(any_editor.edit([request(96, 64, seed=7)])[0])
+    other = pixels(any_editor.edit([request(96, 64, seed=8)])[0])
     assert np.array_equal(first, again)
     assert np.abs(first - other).mean() > 1.0
 
 
-def test_result_independent_of_batch(editor):
+def test_result_independent_of_batch(any_editor):
     target = request(96, 64, seed=3, prompt="a blue car")
-    alone = pixels(editor.edit([target])[0])
+    alone = pixels(any_editor.edit([target])[0])
     batch = [
         request(96, 64, seed=11, box=(0, 0, 32, 32)),  # a different mask in the same batch
         request(64, 64, seed=12),  # another size: another group
         target,
         request(96, 64, seed=13, prompt="a yellow bird", box=(48, 16, 96, 64)),
     ]
-    together = pixels(editor.edit(batch)[2])
+    together = pixels(any_editor.edit(batch)[2])
     # Identical up to float rounding of batched kernels (a pixel level, rarely).
     assert np.abs(alone - together).max() <= 1
     assert np.abs(alone - together).mean() < 0.01

@@ -58,38 +58,6 @@ def test_registered_with_their_native_size(editor):
         assert EDITORS.build(name, tiny(name)).native_size == 512
 
 
-def test_edits_a_batch_of_requests(editor):
-    sizes = [(64, 64), (96, 64), (64, 64), (48, 32)]
-    outputs = editor.edit([request(w, h, seed=i) for i, (w, h) in enumerate(sizes)])
-    assert [image.size for image in outputs] == sizes
-    assert all(image.mode == "RGB" for image in outputs)
-    assert editor.edit([]) == []
-
-
-def test_deterministic_and_seed_dependent(editor):
-    first = pixels(editor.edit([request(64, 64, seed=7)])[0])
-    again = pixels(editor.edit([request(64, 64, seed=7)])[0])
-    other = pixels(editor.edit([request(64, 64, seed=8)])[0])
-    assert np.array_equal(first, again)
-    assert np.abs(first - other).mean() > 1.0
-
-
-def test_edit_is_the_same_alone_and_batched(editor):
-    target = request(96, 64, seed=3, prompt="a blue car")
-    alone = pixels(editor.edit([target])[0])
-    batch = [
-        request(96, 64, seed=11, box=(0, 0, 32, 32)),  # a different mask in the same batch
-        request(64, 64, seed=12),  # another size: another group
-        target,
-        request(96, 64, seed=13, prompt="a yellow bird", box=(48, 16, 96, 64)),
-    ]
-    together = pixels(editor.edit(batch)[2])
-    # Identical up to float rounding of batched kernels (a pixel level, rarely), as in
-    # test_editors.py.
-    assert np.abs(alone - together).max() <= 1
-    assert np.abs(alone - together).mean() < 0.01
-
-
 def test_matches_the_diffusers_pipeline_for_one_request(editor):
     """One request: the editor's cached embeddings and per-request generator give what the
     diffusers pipeline gives from the prompt text and one generator."""

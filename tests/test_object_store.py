@@ -5,9 +5,6 @@ one PUT and never as a temporary object moved (copied) into place."""
 
 from __future__ import annotations
 
-import json
-import re
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,6 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from conftest import render_in_chromium
 from resume_helpers import kill_at
+from servers import moto_recorder
 
 from lregions_core.index import read_index
 from lregions_core.store import Store
@@ -30,33 +28,15 @@ def _fs(endpoint: str):
     return s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
 
 
-def _recorder(endpoint: str, action: str) -> list[dict]:
-    """moto's request recorder: reset, start, stop or download (the recorded requests)."""
-    if action == "download":
-        with urllib.request.urlopen(f"{endpoint}/moto-api/recorder/download-recording") as r:
-            text = r.read().decode()
-        # One JSON object per request; concurrent requests may share a line, so read them as a
-        # stream of objects rather than line by line.
-        decoder, found, at = json.JSONDecoder(), [], 0
-        while (at := re.compile(r"\s*").match(text, at).end()) < len(text):
-            record, at = decoder.raw_decode(text, at)
-            found.append(record)
-        return found
-    request = urllib.request.Request(f"{endpoint}/moto-api/recorder/{action}-recording",
-                                     method="POST")
-    urllib.request.urlopen(request).close()
-    return []
-
-
 def _recorded(endpoint: str, run) -> list[dict]:
     """The S3 requests made while ``run()`` ran."""
-    _recorder(endpoint, "reset")
-    _recorder(endpoint, "start")
+    moto_recorder(endpoint, "reset")
+    moto_recorder(endpoint, "start")
     try:
         run()
     finally:
-        _recorder(endpoint, "stop")
-    return _recorder(endpoint, "download")
+        moto_recorder(endpoint, "stop")
+    return moto_recorder(endpoint, "download")
 
 
 def _writes(requests: list[dict], prefix: str) -> Counter:

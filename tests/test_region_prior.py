@@ -12,7 +12,6 @@ import json
 import re
 import subprocess
 import sys
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -300,27 +299,17 @@ def _planned_regions_paths(manifest: Path, found: dict, config) -> dict[str, str
     return planned
 
 
-def _recorder(endpoint: str, action: str) -> list[dict]:
-    """moto's request recorder: reset, start, stop, or download (the requests recorded)."""
-    if action == "download":
-        with urllib.request.urlopen(f"{endpoint}/moto-api/recorder/download-recording",
-                                    timeout=30) as answer:
-            text = answer.read().decode()
-        decoder, found, at = json.JSONDecoder(), [], 0
-        while (at := re.compile(r"\s*").match(text, at).end()) < len(text):
-            record, at = decoder.raw_decode(text, at)
-            found.append(record)
-        return found
-    request = urllib.request.Request(f"{endpoint}/moto-api/recorder/{action}-recording",
-                                     method="POST")
-    urllib.request.urlopen(request, timeout=30).close()
-    return []
-
-
 def test_prior_on_s3_reaches_workers_and_chooses_the_one_process_boxes(tmp_path, s3_server,
                                                                         calibration, config):
     import s3fs
-    from servers import client_env, lregions, prefect_server, start_worker, stop
+    from servers import (
+        client_env,
+        lregions,
+        moto_recorder,
+        prefect_server,
+        start_worker,
+        stop,
+    )
 
     prior = fit(calibration[:20], config, seed=0)
     local = str(tmp_path / "prior")
@@ -338,21 +327,21 @@ def test_prior_on_s3_reaches_workers_and_chooses_the_one_process_boxes(tmp_path,
 
         logs = [tmp_path / f"worker{i}.log" for i in (1, 2)]
         workers = [start_worker(env, POOL, f"w{i}", log) for i, log in zip((1, 2), logs)]
-        _recorder(s3_server, "reset")
-        _recorder(s3_server, "start")
+        moto_recorder(s3_server, "reset")
+        moto_recorder(s3_server, "start")
         try:
             sharded = lregions(env, "edit", str(manifest), "--out", str(outs["workers"]),
                                "--pool", POOL, "--shard-size", "2", "--wait-for-workers", "180",
                                "--preset", "oracle", "--set", f"region_prior={url}",
                                timeout=900)
         finally:
-            _recorder(s3_server, "stop")
+            moto_recorder(s3_server, "stop")
             for worker in workers:
                 stop(worker)
         said = [log.read_text(errors="replace") for log in logs]
         assert sharded.returncode == 0, (sharded.stdout[-2000:] + sharded.stderr[-2000:]
                                          + "".join(s[-2000:] for s in said))
-        requests = _recorder(s3_server, "download")
+        requests = moto_recorder(s3_server, "download")
 
         one = lregions(env, "edit", str(manifest), "--out", str(outs["one-process"]), "--preset",
                        "oracle", "--set", f"region_prior={local}", timeout=600)
