@@ -231,6 +231,42 @@ def _check(architecture: str) -> None:
         )
 
 
+# The tiny builds' inpainting UNet (9 input channels: 4 noisy latents, the mask, 4 masked-image
+# latents), before each pipeline's own conditioning settings.
+TINY_INPAINT_UNET = {
+    "sample_size": 8,
+    "in_channels": 9,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+}
+# The tiny builds' autoencoder: four levels, so /8 like the real VAEs.
+TINY_VAE = {
+    "sample_size": 64,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (8, 8, 16, 16),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "norm_num_groups": 8,
+}
+
+
+def _tiny_clip(with_projection: bool = False):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    config = _text_config(
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        projection_dim=32,
+    )
+    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
+
+
 def sd_inpaint_components(architecture: str) -> dict[str, Any]:
     """UNet (9 input channels), VAE, text encoder, tokenizer and scheduler, random weights."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
@@ -245,34 +281,9 @@ def sd_inpaint_components(architecture: str) -> dict[str, Any]:
             vae = AutoencoderKL(**SD2_VAE)
             text_encoder = CLIPTextModel(_text_config(**SD2_TEXT))
         else:
-            unet = UNet2DConditionModel(
-                sample_size=8,
-                in_channels=9,
-                out_channels=4,
-                layers_per_block=1,
-                block_out_channels=(32, 64),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                cross_attention_dim=32,
-            )
-            vae = AutoencoderKL(
-                sample_size=64,
-                latent_channels=4,
-                layers_per_block=1,
-                block_out_channels=(8, 8, 16, 16),  # four levels: /8 like the real VAE
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                norm_num_groups=8,
-            )
-            text_encoder = CLIPTextModel(
-                _text_config(
-                    hidden_size=32,
-                    intermediate_size=37,
-                    num_attention_heads=4,
-                    num_hidden_layers=2,
-                    projection_dim=32,
-                )
-            )
+            unet = UNet2DConditionModel(**TINY_INPAINT_UNET, cross_attention_dim=32)
+            vae = AutoencoderKL(**TINY_VAE)
+            text_encoder = _tiny_clip()
     return _inference({
         "unet": unet,
         "vae": vae,
@@ -360,19 +371,6 @@ def _on_cpu(scheduler_class: Any, **settings: Any) -> Any:
         return scheduler_class(**settings)
 
 
-def _tiny_clip(with_projection: bool = False):
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    config = _text_config(
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        projection_dim=32,
-    )
-    return CLIPTextModelWithProjection(config) if with_projection else CLIPTextModel(config)
-
-
 def sdxl_inpaint_components(architecture: str) -> dict[str, Any]:
     """UNet (9 input channels, text-and-size conditioning), VAE, two text encoders (the second
     with projection: its pooled embedding), two tokenizers and the Euler scheduler."""
@@ -390,15 +388,9 @@ def sdxl_inpaint_components(architecture: str) -> dict[str, Any]:
             text_encoder_2 = CLIPTextModelWithProjection(_text_config(**SDXL_TEXT_2))
         else:
             unet = UNet2DConditionModel(
-                sample_size=8,
-                in_channels=9,
-                out_channels=4,
-                layers_per_block=1,
-                block_out_channels=(32, 64),
+                **TINY_INPAINT_UNET,
                 attention_head_dim=(2, 4),
                 transformer_layers_per_block=(1, 2),
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
                 cross_attention_dim=64,  # 32 + 32: both text encoders' hidden states
                 use_linear_projection=True,
                 addition_embed_type="text_time",
@@ -406,16 +398,7 @@ def sdxl_inpaint_components(architecture: str) -> dict[str, Any]:
                 projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled + 6 size/crop ids
                 norm_num_groups=8,
             )
-            vae = AutoencoderKL(
-                sample_size=64,
-                latent_channels=4,
-                layers_per_block=1,
-                block_out_channels=(8, 8, 16, 16),  # four levels: /8 like the real VAE
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                norm_num_groups=8,
-                scaling_factor=SDXL_VAE["scaling_factor"],
-            )
+            vae = AutoencoderKL(**TINY_VAE, scaling_factor=SDXL_VAE["scaling_factor"])
             text_encoder = _tiny_clip()
             text_encoder_2 = _tiny_clip(with_projection=True)
     return _inference({
@@ -467,13 +450,7 @@ def flux_fill_components(architecture: str) -> dict[str, Any]:
                 axes_dims_rope=(4, 4, 8),
             )
             vae = AutoencoderKL(
-                sample_size=64,
-                latent_channels=latent_channels,
-                layers_per_block=1,
-                block_out_channels=(8, 8, 16, 16),  # four levels: /8 like the real VAE
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                norm_num_groups=8,
+                **{**TINY_VAE, "latent_channels": latent_channels},
                 use_quant_conv=False,
                 use_post_quant_conv=False,
                 scaling_factor=FLUX_VAE["scaling_factor"],
