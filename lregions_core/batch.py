@@ -93,11 +93,10 @@ def regions_rows(states: list[dict], config: Config, store: Store, items: str) -
 def outputs_rows(states: list[dict], config: Config, store: Store, items: str) -> list[dict]:
     """Select the final edit and write each item's files (a ``final_render`` "region" render
     edits the chosen region again, on the process's shared models)."""
-    models = lambda: shared_models(config)
 
     def work(row: ManifestRow, state: dict) -> dict:
         state.update(stages.select(state, config, store))
-        written = stages.outputs(row, state, config, store, items, models=models)
+        written = stages.outputs(row, state, config, store, items)
         return {**written, "status": "ok", "reused": False}
 
     return run_stage(states, "select+outputs", work)

@@ -36,7 +36,6 @@ from lregions_core.images import (
     canvas_mask,
     changed_region,
     crop_canvas,
-    edit_layer,
     input_box,
     mask_matte,
     pixel_box,
@@ -438,7 +437,7 @@ def render_final(
     region_edit = loaded.editor.edit([request])[0]
     detail["editor_requests"] = 1
     final_region, layer_region = render_region(source, region_edit, geometry, matte, layer=layer)
-    final_up, _ = render(source, edited, work_size, matte, layer=False)
+    final_up, layer_up = render(source, edited, work_size, matte, layer=layer)  # one upsampling
     if work is None:
         work = to_working(source, config.work_size, config.work_multiple)
     if context is None:
@@ -456,8 +455,7 @@ def render_final(
         why = "the region render scored at least as well as the upsampled edit"
         return FinalRender(final_region, layer_region, "region", geometry.edit_scale,
                            {**detail, "why": why})
-    final_layer = edit_layer(source.size, edited, work_size, matte) if layer else None
-    return FinalRender(final_up, final_layer, "upsample", up_scale,
+    return FinalRender(final_up, layer_up, "upsample", up_scale,
                        {**detail, "why": "the region render scored below the upsampled edit"})
 
 
