@@ -498,6 +498,12 @@ def upsample_scale(source_size: tuple[int, int], work_size: tuple[int, int]) -> 
     return max(source_size[0] / work_size[0], source_size[1] / work_size[1])
 
 
+def _contains(outer: tuple[int, int, int, int], inner: tuple[int, int, int, int]) -> bool:
+    """True when the rectangle ``inner`` lies inside ``outer`` (edges included)."""
+    return (outer[0] <= inner[0] and outer[1] <= inner[1]
+            and inner[2] <= outer[2] and inner[3] <= outer[3])
+
+
 def _ceil_multiple(x: int, multiple: int) -> int:
     return max(multiple, -(-int(x) // multiple) * multiple)
 
@@ -589,7 +595,7 @@ def render_geometry(
 
     x0, x1 = place(bx0, bx1, width)
     y0, y1 = place(by0, by1, height)
-    if not (x0 <= bx0 and bx1 <= x1 and y0 <= by0 and by1 <= y1):  # pragma: no cover - by design
+    if not _contains((x0, y0, x1, y1), (bx0, by0, bx1, by1)):  # pragma: no cover - by design
         raise AssertionError("the crop must hold the context box")
     cw, ch = x1 - x0, y1 - y0
     if scale >= 1.0:
@@ -624,7 +630,7 @@ def canvas_mask(
     x0, y0, x1, y1 = geometry.crop
     full = np.zeros((y1 - y0, x1 - x0), np.uint8)
     rx0, ry0, rx1, ry1 = region
-    if not (x0 <= rx0 and y0 <= ry0 and rx1 <= x1 and ry1 <= y1):
+    if not _contains(geometry.crop, region):
         raise ValueError(f"the painted region {region} is not inside the crop {geometry.crop}")
     full[ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0] = np.where(paint, 255, 0)
     scaled = Image.fromarray(full, "L")
@@ -658,9 +664,9 @@ def render_region(
     ``matte`` exactly as :func:`render` blends an upsampled working edit: the input bit for bit
     where the alpha is 0, and the layer over the input gives the final image within one grey
     level. The matte's region must lie inside the crop."""
-    x0, y0, x1, y1 = geometry.crop
+    x0, y0 = geometry.crop[:2]
     rx0, ry0, rx1, ry1 = matte.region
-    if rx1 > rx0 and ry1 > ry0 and not (x0 <= rx0 and y0 <= ry0 and rx1 <= x1 and ry1 <= y1):
+    if rx1 > rx0 and ry1 > ry0 and not _contains(geometry.crop, matte.region):
         raise ValueError(f"the matte's region {matte.region} is not inside the crop {geometry.crop}")
     src = _to_rgb(source)
     patch = _region_patch(edited, geometry)

@@ -42,6 +42,7 @@ import numpy as np
 
 from lregions_core.config import Config
 from lregions_core.interfaces import Features
+from lregions_core.loading import heavy_import
 from lregions_core.region_prior import RegionPrior, describe, objectness, prompt_embedding
 
 # The kernel's parts, in units of the observed losses' standard deviation (each round's losses
@@ -61,11 +62,6 @@ def _pairwise_iou(boxes: np.ndarray) -> np.ndarray:
     h = np.clip(np.minimum(y1[:, None], y1[None]) - np.maximum(y0[:, None], y0[None]), 0, None)
     inter = w * h
     return inter / np.maximum(area[:, None] + area[None] - inter, 1e-12)
-
-
-def _phi(x: np.ndarray) -> np.ndarray:
-    """The standard normal CDF, elementwise."""
-    return 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
 
 
 class LossModel:
@@ -124,6 +120,7 @@ def search(
 ) -> tuple[np.ndarray, list[dict]]:
     """Each anchor's chosen proposal (N,) after the search, and one trace record per round.
     Edits go through ``bank`` (a :class:`~lregions_core.learner.CandidateBank`)."""
+    ndtr = heavy_import("scipy.special").ndtr
     n, k, _ = boxes.shape
     ranking, weight = box_ranking(config, features, boxes, size, prior,
                                   prompt_embedding(bank.context))
@@ -150,7 +147,7 @@ def search(
             mean, cov = model.posterior(tried, losses)
             sd = np.sqrt(np.clip(np.diag(cov), 1e-12, None))
             incumbent = mean[tried].min()
-            beat = np.where(done, 0.0, _phi((incumbent - mean) / sd)).reshape(n, k)
+            beat = np.where(done, 0.0, ndtr((incumbent - mean) / sd)).reshape(n, k)  # normal CDF
             chance = beat.max(axis=1)
             if config.rgn_acquisition == "thompson":
                 jitter = 1e-9 * np.eye(len(mean))
