@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from oracle_runs import box_quality, v2_items, world_config
+from oracle_runs import box_quality, fit_prior, v2_items, world_config
 
 from lregions_core.config import make_config
 from lregions_core.pipeline import Models, edit_image
@@ -26,25 +26,6 @@ from lregions_core.pipeline import Models, edit_image
 MODES = ("rgn", "exhaustive", "dino-random", "random")
 # The items today's figures are measured on: v2 seeds no test uses, the narrower generator.
 ITEM_SEEDS = 3000
-PRIOR_SEEDS = 7000  # the region prior's calibration items (other items, the wide generator)
-
-
-def fitted_prior(preset: str, items: int) -> str:
-    """A region prior for ``preset``'s proposals fitted on ``items`` other items."""
-    import tempfile
-
-    from lregions_core.pipeline import calibration_photo
-    from lregions_core.region_prior import fit, save_prior
-
-    config = world_config(preset, mode="exhaustive")
-    models = Models.load(config)
-    photos = [calibration_photo(config, models, i.image, i.prompt, i.source, i.seed)
-              for i in v2_items(range(PRIOR_SEEDS, PRIOR_SEEDS + items))]
-    location = tempfile.mkdtemp(prefix=f"lregions-prior-{preset}-")
-    save_prior(fit(photos, config), location)
-    return location
-
-
 def editor_cost(preset: str, items: int, prior: str | None) -> list[str]:
     base = make_config(preset)
     reference_calls = (base.iterations + 1) * base.num_anchors
@@ -100,7 +81,12 @@ def main() -> None:
     print("| preset | mode | editor calls | denoising steps | reference (calls x steps) "
           "| steps vs reference | oracle IoU |")
     print("|---|---|---|---|---|---|---|")
-    prior = fitted_prior("default", args.prior_items) if args.prior_items else None
+    prior = None
+    if args.prior_items:  # fitted on other items (seeds 7000..)
+        import tempfile
+
+        prior = tempfile.mkdtemp(prefix="lregions-prior-default-")
+        fit_prior("default", args.prior_items, prior)
     for preset in ("reference", "default", "fast"):  # fast has default's proposals: one prior
         for line in editor_cost(preset, args.items, prior):
             print(line, flush=True)

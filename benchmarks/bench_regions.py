@@ -25,14 +25,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from oracle_runs import box_quality_items, v2_items, world_config
+from oracle_runs import box_quality_items, fit_prior, v2_items, world_config
 
 from lregions_core import oracle
-from lregions_core.pipeline import Models, calibration_photo
-from lregions_core.region_prior import fit, save_prior
 
 TUNING_SEEDS = range(1000, 1100)
-CALIBRATION_START = 7000
 EVALUATION_START = 20000
 NOISE = oracle.CLIP_LIKE_NOISE
 
@@ -63,17 +60,6 @@ LEARNERS = [
 SAME_PROPOSALS = {"fast": "default"}
 
 
-def fit_prior(preset: str, count: int, folder: Path) -> tuple[str, dict]:
-    """A region prior for ``preset``'s proposals fitted on ``count`` calibration items."""
-    config = world_config(preset, mode="exhaustive")
-    models = Models.load(config)
-    photos = [calibration_photo(config, models, item.image, item.prompt, item.source, item.seed)
-              for item in v2_items(range(CALIBRATION_START, CALIBRATION_START + count))]
-    location = str(folder / f"prior-{preset}")
-    meta = save_prior(fit(photos, config), location)
-    return location, meta
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=200)
@@ -89,7 +75,8 @@ def main() -> None:
     for preset in presets:
         if any(p == preset and "{prior}" in json.dumps(s) for p, _, s in LEARNERS):
             start = time.perf_counter()
-            priors[preset], meta = fit_prior(preset, args.calibration, folder)
+            priors[preset] = str(folder / f"prior-{preset}")
+            meta = fit_prior(preset, args.calibration, priors[preset])
             print(f"prior for {preset}: {meta['photos']} calibration photos, within-anchor "
                   f"correlation on {meta['heldout_photos']} held-out of them "
                   f"{meta['heldout_correlation']:.3f} ({time.perf_counter() - start:.0f} s)",

@@ -60,3 +60,21 @@ def world_config(preset: str, **extra) -> Config:
     world = {k: v for k, v in preset_settings("oracle").items() if k not in keys}
     method = {k: getattr(base, k) for k in keys}
     return make_config("default", {**world, **method, "final_render": "upsample", **extra})
+
+
+# Seeds of the region priors' calibration items (wide v2 generator): disjoint from every item
+# set a figure is reported on.
+CALIBRATION_START = 7000
+
+
+def fit_prior(preset: str, count: int, location: str) -> dict:
+    """Fit a region prior for ``preset``'s proposals on ``count`` calibration items (every
+    proposal edited, in the oracle world) and save it at ``location``; returns its JSON."""
+    from lregions_core.pipeline import calibration_photo
+    from lregions_core.region_prior import fit, save_prior
+
+    config = world_config(preset, mode="exhaustive")
+    models = Models.load(config)
+    photos = [calibration_photo(config, models, item.image, item.prompt, item.source, item.seed)
+              for item in v2_items(range(CALIBRATION_START, CALIBRATION_START + count))]
+    return save_prior(fit(photos, config), location)
